@@ -1,0 +1,343 @@
+"""One plain-PyTorch Llama, with Hugging Face parameter names and RoPE layout.
+
+A HF `LlamaForCausalLM` state_dict loads 1:1. The module tree mirrors HF's
+(`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ..., `lm_head`) so
+that checkpoints, tensor-parallel plans and optimizers address the same names.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclass
+class LlamaConfig:
+    """The architecture, in HF's config.json vocabulary."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.rope_scaling is not None:
+            kind = rope_type(self.rope_scaling)
+            if kind not in SUPPORTED_ROPE_TYPES:
+                raise ValueError(
+                    f"rope_scaling type {kind!r} is not supported; expected one of {', '.join(SUPPORTED_ROPE_TYPES)}"
+                )
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+        """Reads a HF config dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters` style)."""
+        model_type = d.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"{source}: model_type is {model_type!r}; llamazoo reads 'llama' models only")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        params = d.get("rope_parameters")
+        if isinstance(params, dict):
+            kwargs.setdefault("rope_theta", params.get("rope_theta", 10000.0))
+            if rope_type(params) != "default" and not d.get("rope_scaling"):
+                kwargs["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+        if kwargs.get("rope_scaling") and rope_type(kwargs["rope_scaling"]) == "default":
+            kwargs["rope_scaling"] = None
+        if "torch_dtype" not in kwargs and isinstance(d.get("dtype"), str):
+            kwargs["torch_dtype"] = d["dtype"]
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in d:
+                raise ValueError(f"{source}: missing required key {key!r}")
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
+                 attention_dropout=0.0, pretraining_tp=1, use_cache=True)
+        return d
+
+    @property
+    def num_parameters(self) -> int:
+        """Closed form; equals the meta-device count (tested)."""
+        h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        attn = h * q * 2 + h * kv * 2 + (q + 2 * kv + h) * self.attention_bias
+        mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * self.mlp_bias
+        layer = attn + mlp + 2 * h
+        emb = self.vocab_size * h
+        return self.num_hidden_layers * layer + h + emb * (1 if self.tie_word_embeddings else 2)
+
+
+@dataclass
+class PrecisionOptions:
+    """The original Model Zoo's precision knobs. They matter only for a bf16/fp16 model.
+
+    fp32_ln: RMSNorm computed in fp32 (else in the model dtype).
+    fp32_logits: logits returned in fp32.
+    fp32_skip_add: the residual stream is kept in fp32.
+    mixedp_attn: attention on low-precision q/k/v with fp32 scores and softmax (SDPA's fused kernels
+        accumulate QK^T and softmax in fp32 and feed low-precision probabilities to P.V); when False,
+        q/k/v are upcast and the whole attention runs in fp32.
+    """
+
+    fp32_ln: bool = False
+    fp32_logits: bool = True
+    fp32_skip_add: bool = True
+    mixedp_attn: bool = True
+
+
+def rope_type(scaling: dict[str, Any]) -> str:
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def rope_inv_freq(cfg: LlamaConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies for RoPE, as transformers computes them (fp32)."""
+    dim = cfg.head_dim
+    base = cfg.rope_theta
+    scaling = cfg.rope_scaling or {}
+    kind = rope_type(scaling) if scaling else "default"
+    if kind == "dynamic" and seq_len is not None and seq_len > cfg.max_position_embeddings:
+        factor = scaling["factor"]
+        base = base * ((factor * seq_len / cfg.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, fp32: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.fp32 = fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = self.weight.dtype
+        h = x.float() if self.fp32 else x.to(out_dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(out_dtype)
+
+
+class KVCache(nn.Module):
+    """A preallocated cache; slot i of every row holds the token fed at cache position i."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, cache_pos, k)
+        self.v.index_copy_(2, cache_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, opts: PrecisionOptions):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.mixedp_attn = opts.mixedp_attn
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, cache_pos):
+        B, T, _ = x.shape
+        # -1 rather than the configured head count, so a tensor-parallel shard runs unchanged.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(cache_pos, k, v)
+        dtype = q.dtype
+        if not self.mixedp_attn and dtype != torch.float32:
+            q, k, v = q.float(), k.float(), v.float()
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1]
+        )
+        y = y.to(dtype).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        h, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, opts: PrecisionOptions):
+        super().__init__()
+        self.self_attn = Attention(cfg, opts)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.fp32_ln)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.fp32_ln)
+
+    def forward(self, h, cos, sin, mask, cache_pos):
+        # h may be fp32 (fp32_skip_add) while the weights are bf16: sublayers see the weights' dtype.
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache_pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig, opts: PrecisionOptions):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, opts) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.fp32_ln)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Forward: input_ids [B,T] -> logits [B,T,V].
+
+    position_ids [B,T] default to 0..T-1 (offset by the cache position when a cache is set up);
+    attention_mask is boolean (True = may attend), [B,1,T,S] or broadcastable, S being T or, with a
+    KV cache, the cache length. Without a mask the model is causal.
+    """
+
+    def __init__(self, cfg: LlamaConfig, opts: PrecisionOptions | None = None):
+        super().__init__()
+        self.config = cfg
+        self.opts = opts or PrecisionOptions()
+        self.model = LlamaModel(cfg, self.opts)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.cache_len = 0
+
+    # -- KV cache -------------------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
+        """Preallocates a static KV cache of max_len slots per row."""
+        p = self.lm_head.weight
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            n_kv = attn.k_proj.weight.shape[0] // attn.head_dim  # per shard under tensor parallel
+            attn.kv_cache = KVCache(batch, n_kv, max_len, attn.head_dim, dtype or p.dtype, device or p.device)
+        self.cache_len = max_len
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+        self.cache_len = 0
+
+    # -- forward ----------------------------------------------------------------------------------
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        inv_freq = self.inv_freq
+        scaling = self.config.rope_scaling
+        if scaling and rope_type(scaling) == "dynamic":
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.config.max_position_embeddings:
+                inv_freq = rope_inv_freq(self.config, seq_len).to(inv_freq.device)
+        freqs = position_ids[..., None].float() * inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache_pos: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        if self.cache_len:
+            if cache_pos is None:
+                raise ValueError("cache_pos is required once a KV cache is set up")
+            if attention_mask is None:  # causal over the cache slots
+                slots = torch.arange(self.cache_len, device=input_ids.device)
+                attention_mask = (slots[None, :] <= cache_pos[:, None])[None, None]
+            if position_ids is None:
+                position_ids = cache_pos[None].expand(B, T)
+        elif position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            # A query row that may attend to nothing (padding) would give NaN and poison later layers.
+            attention_mask = attention_mask | ~attention_mask.any(-1, keepdim=True)
+        dtype = self.lm_head.weight.dtype
+        h = self.model.embed_tokens(input_ids)
+        if self.opts.fp32_skip_add:
+            h = h.float()
+        cos, sin = self.rope(position_ids, dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, attention_mask, cache_pos)
+        h = self.model.norm(h)
+        if return_hidden:
+            return h
+        logits = self.lm_head(h.to(dtype))
+        return logits.float() if self.opts.fp32_logits else logits
+
+
+def init_weights(model: LlamaForCausalLM) -> None:
+    """HF's init: normal(0, initializer_range) for linear and embedding weights, zeros for biases, ones for norms."""
+    std = model.config.initializer_range
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
