@@ -1,0 +1,5 @@
+import sys
+
+from llamazoo.cli import main
+
+sys.exit(main())

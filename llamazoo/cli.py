@@ -1,0 +1,66 @@
+"""The `llamazoo` command: one entry point; each subcommand parses its arguments and calls one app.
+
+Errors a user can fix (bad paths, keys, shapes) are raised as `UserError` or ValueError/FileNotFoundError/
+KeyError and printed as one line; `--debug` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+# name -> (module, help). Each module defines `add_arguments(parser)` and `run(args) -> int | None`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("llamazoo.commands.models", "list the named model configs with parameter counts"),
+    "convert": ("llamazoo.commands.convert", "convert a GGUF file (or a HF folder) into a HF checkpoint folder"),
+    "generate": ("llamazoo.commands.generate", "generate text from prompts"),
+}
+
+
+class UserError(Exception):
+    """An error in the user's input: printed as one line, no traceback."""
+
+
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, KeyError, FileExistsError, NotADirectoryError,
+               PermissionError, IsADirectoryError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="llamazoo", description="An open, PyTorch-native Llama model zoo.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    run: Callable = importlib.import_module(args._module).run
+    try:
+        return int(run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"llamazoo {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""GGUF (llama.cpp) Llama files -> HF checkpoint folders.
+
+Tensors are dequantized with the `gguf` package. llama.cpp's converter permutes the rows of q/k
+projections into an interleaved RoPE layout; we undo that permutation to get HF's rotate-half
+layout. The tokenizer is rebuilt from the GGUF's vocab, merges, special tokens and chat template by
+transformers' GGUF tokenizer converter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llamazoo.model.llama import LlamaConfig
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def hf_name(gguf_name: str) -> str:
+    base, _, suffix = gguf_name.rpartition(".")
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{suffix}"
+    if base in _TOP_NAMES:
+        return f"{_TOP_NAMES[base]}.{suffix}"
+    raise ValueError(f"unexpected GGUF tensor {gguf_name!r} for a Llama model")
+
+
+def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's q/k row permutation (interleaved pairs -> two halves per head)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_config(reader, source: str) -> LlamaConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{source}: general.architecture is {arch!r}; only 'llama' GGUF files convert")
+
+    def need(key: str):
+        v = _field(reader, f"llama.{key}")
+        if v is None:
+            raise ValueError(f"{source}: GGUF metadata lacks llama.{key}")
+        return v
+
+    n_heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    names = {t.name for t in reader.tensors}
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = int(_field(reader, "llama.vocab_size", len(tokens) if tokens is not None else 0))
+    rope_dim = _field(reader, "llama.rope.dimension_count")
+    scaling = None
+    if _field(reader, "llama.rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": float(_field(reader, "llama.rope.scaling.factor"))}
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")), num_attention_heads=n_heads,
+        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+        head_dim=int(rope_dim) if rope_dim else hidden // n_heads,
+        max_position_embeddings=int(_field(reader, "llama.context_length", 2048)),
+        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)), rope_scaling=scaling,
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+    )
+
+
+def gguf_state_dict(reader, cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from gguf.quants import dequantize
+
+    sd = {}
+    for t in reader.tensors:
+        w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim == 1 and len(t.shape) > 1 else w
+        name = hf_name(t.name)
+        if name.endswith("self_attn.q_proj.weight"):
+            w = unpermute_rope(w, cfg.num_attention_heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            w = unpermute_rope(w, cfg.num_key_value_heads)
+        sd[name] = torch.from_numpy(np.array(w, copy=True, order="C")).to(dtype)
+    return sd
+
+
+def gguf_tokenizer(path: Path):
+    """transformers' GGUF tokenizer converter: vocab, merges, special tokens and chat template."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from llamazoo.io.tokenizer import Tokenizer
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return Tokenizer(hf, str(path))
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Writes a HF folder (config, weights, tokenizer) from a GGUF Llama file."""
+    from gguf import GGUFReader
+
+    from llamazoo.io.hf import save_state_dict_folder
+
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: GGUF file not found")
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+    cfg = gguf_config(reader, str(path))
+    sd = gguf_state_dict(reader, cfg, dtype)
+    tokenizer = gguf_tokenizer(path)
+    name = _field(reader, "general.name")
+    return save_state_dict_folder(sd, cfg, out_dir, tokenizer=tokenizer,
+                                  extra_files={"llamazoo_source.json": json.dumps(
+                                      {"converted_from": path.name, "general.name": name}, indent=2) + "\n"})

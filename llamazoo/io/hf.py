@@ -1,0 +1,254 @@
+"""Hugging Face checkpoint folders in and out: the one checkpoint loader.
+
+Loading builds the model on the meta device and assigns tensors straight from mmapped safetensors
+(or `torch.load(mmap=True)` for .bin), so the weights are never held twice. Saving writes into a
+temporary sibling folder and renames it when complete, so an interrupted save leaves nothing that
+looks like a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from llamazoo.model.llama import LlamaConfig, LlamaForCausalLM, PrecisionOptions, init_weights
+from llamazoo.model.registry import NAMED_CONFIGS, named_config
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of float32, bfloat16, float16, auto") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- configs ----------------------------------------------------------------------------------------
+def read_config(path: str | os.PathLike) -> LlamaConfig:
+    """A config.json file, a folder holding one, or a named config."""
+    if isinstance(path, str) and path in NAMED_CONFIGS:
+        return named_config(path)
+    p = Path(path)
+    file = p / "config.json" if p.is_dir() else p
+    if not file.is_file():
+        if p.is_dir():
+            raise FileNotFoundError(f"{p}: no config.json in this folder")
+        raise FileNotFoundError(
+            f"{path}: no such file or folder, and not a model name (known: default, {', '.join(NAMED_CONFIGS)})"
+        )
+    try:
+        d = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    return LlamaConfig.from_hf(d, source=str(file))
+
+
+# -- reading tensors ----------------------------------------------------------------------------------
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a HF folder, checking that every shard named in an index exists."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a valid index file ({e!r})") from None
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not (folder / name).is_file():
+                    raise FileNotFoundError(f"{folder / name}: shard named in {index_name} is missing")
+            return [folder / n for n in files]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise FileNotFoundError(f"{folder}: no model.safetensors, pytorch_model.bin or an index of shards")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    from safetensors import safe_open
+
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name), f
+        else:
+            sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+            for name, t in sd.items():
+                yield name, t, f
+            del sd
+
+
+def checkpoint_dtype(folder: Path, cfg: LlamaConfig) -> torch.dtype:
+    if cfg.torch_dtype in DTYPES:
+        return DTYPES[cfg.torch_dtype]
+    for _, t, _ in iter_tensors(weight_files(folder)):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+# -- building models ---------------------------------------------------------------------------------
+def build_model(cfg: LlamaConfig, opts: PrecisionOptions | None = None, device: str | torch.device = "meta",
+                dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg, opts)
+    if device != "meta":
+        model.to(dtype)
+    return model
+
+
+def random_model(cfg: LlamaConfig, dtype: torch.dtype | None = None, device="cpu",
+                 opts: PrecisionOptions | None = None, seed: int | None = None) -> LlamaForCausalLM:
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = build_model(cfg, opts, device=device, dtype=torch.float32)
+    init_weights(model)
+    return model.to(dtype or torch.float32)
+
+
+def load_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype, device) -> None:
+    """Assigns checkpoint tensors to a meta-device model, checking names and shapes."""
+    expected = dict(model.state_dict(keep_vars=True))
+    tied = model.config.tie_word_embeddings
+    loaded: dict[str, torch.Tensor] = {}
+    for name, t, file in iter_tensors(weight_files(folder)):
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # old transformers wrote it; we compute it
+        if name not in expected:
+            if tied and name == "lm_head.weight":
+                continue
+            raise ValueError(f"{file}: unexpected tensor {name!r} for a Llama model")
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, expected "
+                             f"{tuple(expected[name].shape)} from config.json")
+        loaded[name] = t.to(device=device, dtype=dtype)
+    missing = [n for n in expected if n not in loaded and not (tied and n == "lm_head.weight")]
+    if missing:
+        raise ValueError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _materialize_buffers(model: LlamaForCausalLM, device) -> None:
+    from llamazoo.model.llama import rope_inv_freq
+
+    model.register_buffer("inv_freq", rope_inv_freq(model.config).to(device), persistent=False)
+
+
+def load_model(path_or_name: str | os.PathLike = "default", dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu", opts: PrecisionOptions | None = None,
+               seed: int | None = None) -> LlamaForCausalLM:
+    """A HF folder (weights in the checkpoint's dtype unless `dtype`), or random init from a config.json
+    or a named config (fp32 unless `dtype`), or "default" (the embedded SmolLM2-135M-Instruct)."""
+    from llamazoo.io.default import resolve_checkpoint
+
+    target = parse_dtype(dtype)
+    path = resolve_checkpoint(path_or_name)
+    folder = Path(path)
+    if isinstance(path_or_name, str) and path_or_name in NAMED_CONFIGS or folder.is_file():
+        return random_model(read_config(path), dtype=target, device=device, opts=opts, seed=seed)
+    cfg = read_config(folder)
+    files = weight_files(folder)  # fail on a missing shard before any work
+    target = target or checkpoint_dtype(folder, cfg)
+    model = build_model(cfg, opts, device="meta")
+    load_weights(model, folder, target, device)
+    _materialize_buffers(model, device)
+    model.config.torch_dtype = dtype_name(target)
+    del files
+    return model.eval()
+
+
+# -- saving ------------------------------------------------------------------------------------------
+def _shards(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in sd.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
+
+
+def generation_config(cfg: LlamaConfig) -> dict[str, Any]:
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+            **({"pad_token_id": cfg.pad_token_id} if cfg.pad_token_id is not None else {}),
+            "do_sample": False}
+
+
+def save_state_dict_folder(sd: dict[str, torch.Tensor], cfg: LlamaConfig, out_dir: str | os.PathLike,
+                           tokenizer=None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                           extra_files: dict[str, str] | None = None) -> Path:
+    """Writes a HF folder atomically (temporary sibling folder, then rename)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
+        hf_cfg = cfg.to_hf()
+        hf_cfg["torch_dtype"] = dtype_name(dtype)
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+        shards = _shards(sd, max_shard_size)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer is not None:
+            if isinstance(tokenizer, (str, os.PathLike)):
+                from llamazoo.io.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(tokenizer)
+            tokenizer.save(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer=None,
+               max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """A HF folder that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    sd = {k: v for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return save_state_dict_folder(sd, model.config, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
