@@ -1,0 +1,134 @@
+"""One config schema machinery for every app: a YAML file plus `section.key=value` overrides,
+validated with pydantic so that an unknown key or a wrong type fails with one message naming the key.
+
+Values in overrides are parsed as YAML scalars/flow collections (`3`, `true`, `1e-4`, `["a","b"]`), so
+lists are written as JSON: 'generation.prompts=["a","b"]'.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelSection(Section):
+    """The model knobs of the original Model Zoo (defaults as in its shipped configs)."""
+
+    fp32_ln: bool = False
+    fp32_logits: bool = True
+    fp32_skip_add: bool = True
+    mixedp_attn: bool = True
+    max_seq_length: int | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+
+    def precision_options(self):
+        from llamazoo.model.llama import PrecisionOptions
+
+        return PrecisionOptions(fp32_ln=self.fp32_ln, fp32_logits=self.fp32_logits,
+                                fp32_skip_add=self.fp32_skip_add, mixedp_attn=self.mixedp_attn)
+
+    def torch_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+class CheckpointSection(Section):
+    model_name_or_path: str | None = None
+    config_name: str | None = None
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r}: expected section.key=value")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ValueError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None and raw.strip().lower() not in ("null", "none", "~"):
+        value = raw
+    if isinstance(value, str) and raw.strip().lower() == "none":
+        value = None
+    return key.split("."), value
+
+
+def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    msgs = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            msgs.append(f"unknown key {key!r}")
+        elif err["type"] == "literal_error":
+            msgs.append(f"{key}: got {err.get('input')!r}, allowed: {err['ctx']['expected']}")
+        else:
+            msgs.append(f"{key}: {err['msg'].lower()} (got {err.get('input')!r})")
+    return f"{source}: " + "; ".join(msgs)
+
+
+def allowed_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in schema.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += allowed_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def load_config(schema: type[C], config_file: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """YAML file (optional) + overrides -> validated config; errors name the file or key."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if config_file:
+        path = Path(config_file)
+        source = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of sections at the top level")
+    if overrides:
+        data = merge_overrides(data, list(overrides))
+        source = f"{source} (with overrides)" if config_file else "command-line overrides"
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        msg = format_validation_error(e, source)
+        if "unknown key" in msg:
+            msg += f". Allowed keys: {', '.join(allowed_keys(schema))}"
+        raise ValueError(msg) from None
