@@ -9,6 +9,7 @@ complete. The format and its rules are in ../shared/docs/hdf5-format.md.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -599,8 +600,9 @@ def load_categories(path: Optional[str]) -> Optional[dict[str, int]]:
     return {n: i for i, n in enumerate(names)}
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer_and_type(name: str) -> tuple[Any, str, Any]:
-    """(Tokenizer, tokenizer_model_type for metadata.yaml, model config or None)."""
+    """(Tokenizer, tokenizer_model_type for metadata.yaml, model config or None); cached per process."""
     from llamazoo.io.default import resolve_checkpoint
     from llamazoo.io.tokenizer import load_tokenizer_from_folder
 
