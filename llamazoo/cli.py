@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("llamazoo.commands.models", "list the named model configs with parameter counts"),
     "convert": ("llamazoo.commands.convert", "convert a GGUF file (or a HF folder) into a HF checkpoint folder"),
     "generate": ("llamazoo.commands.generate", "generate text from prompts"),
+    "train": ("llamazoo.commands.train", "fine-tune or pre-train on a prepared HDF5 dataset (the original's training app)"),
 }
 
 

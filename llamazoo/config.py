@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class Section(BaseModel):
@@ -132,3 +132,41 @@ def load_config(schema: type[C], config_file: str | Path | None = None, override
         if "unknown key" in msg:
             msg += f". Allowed keys: {', '.join(allowed_keys(schema))}"
         raise ValueError(msg) from None
+
+
+# -- training (llamazoo train) ------------------------------------------------------------------------
+class TrainingSection(Section):
+    """The original Model Zoo training keys (same names and defaults) plus what it lacked."""
+
+    dataset: str | None = None
+    batch_size: int = Field(1, ge=1)
+    num_epochs: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-5, ge=0)
+    output_dir: str = "finetuned_model"
+    seed: int = 42
+    end_early_at_step: int | None = Field(None, ge=1)
+    evaluate: bool = True
+    grad_accumulation_steps: int = Field(1, ge=1)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(None, gt=0)
+    prompt_loss_weight: float = Field(1.0, ge=0)
+    article_attention: bool = True
+    reset_position_ids: bool = False
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    eval_every_steps: int | None = Field(None, ge=1)
+    save_every_steps: int | None = Field(None, ge=1)
+    keep_last_checkpoints: int = Field(2, ge=1)
+    resume_from: str | None = None
+    log_every_steps: int = Field(1, ge=1)
+    tensorboard: bool = False
+
+
+class TrainConfig(Section):
+    model: ModelSection = ModelSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    training: TrainingSection = TrainingSection()

@@ -1,0 +1,107 @@
+"""AdamW, learning-rate schedules, gradient clipping and fp32 master weights for bf16 training.
+
+bf16 training keeps the model's weights in bf16 (so the Model Zoo precision knobs mean what they
+mean at inference) and an fp32 master copy that the optimizer updates: a bf16 weight cannot absorb
+an update of 1e-5 relative size, so updating it in place would silently stop learning.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float, params: list[torch.Tensor] | None = None) -> list[dict]:
+    """Decay matrices only; norms and biases (1-D) are not decayed. `params` (same order as
+    model.parameters()) substitutes master copies for the model's own parameters."""
+    own = [p for p in model.parameters() if p.requires_grad]
+    params = own if params is None else params
+    decay = [q for p, q in zip(own, params) if p.ndim >= 2]
+    no_decay = [q for p, q in zip(own, params) if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def lr_lambda(schedule: str, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int):
+    """Multiplier of base_lr for optimizer step s (0-based): linear warmup to base_lr over
+    warmup_steps, then constant, linear decay to min_lr, or cosine decay to min_lr at total_steps."""
+    floor = min_lr / base_lr if base_lr > 0 else 0.0
+
+    def f(s: int) -> float:
+        if warmup_steps > 0 and s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (s - warmup_steps) / span)
+        if schedule == "linear":
+            return floor + (1.0 - floor) * (1.0 - progress)
+        if schedule == "cosine":
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ValueError(f"training.lr_schedule: unknown schedule {schedule!r}; expected constant, linear or cosine")
+
+    return f
+
+
+class MasterWeights:
+    """fp32 copies of low-precision parameters: grads are copied up before the optimizer step and
+    the updated weights copied back down after it."""
+
+    def __init__(self, model: nn.Module):
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        self.master = [p.detach().float().clone().requires_grad_(True) for p in self.model_params]
+
+    def grads_to_master(self) -> None:
+        for p, m in zip(self.model_params, self.master):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        for p, m in zip(self.model_params, self.master):
+            p.copy_(m)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [m.detach() for m in self.master]
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: list[torch.Tensor]) -> None:
+        if len(tensors) != len(self.master):
+            raise ValueError(f"checkpoint has {len(tensors)} master weights, the model {len(self.master)}")
+        for m, t in zip(self.master, tensors):
+            m.copy_(t)
+        self.master_to_model()
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, master: MasterWeights | None = None,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """torch AdamW (fused kernel where the device has one, foreach otherwise)."""
+    params = master.master if master is not None else None
+    groups = param_groups(model, weight_decay, params)
+    device = groups[0]["params"][0].device
+    fused = device.type in ("cuda", "cpu") and not _has_dtensor(groups)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
+
+
+def _has_dtensor(groups: list[dict]) -> bool:
+    return any(type(p).__name__ == "DTensor" for g in groups for p in g["params"])
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Total gradient norm (fp32); gradients are scaled down to max_norm when it is set."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"), foreach=True)
+
+
+def scheduler_for(optimizer: torch.optim.Optimizer, schedule: str, base_lr: float, min_lr: float,
+                  warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, base_lr, min_lr, warmup_steps, total_steps))
+
+
+__all__ = ["build_optimizer", "scheduler_for", "clip_grad_norm", "MasterWeights", "lr_lambda", "param_groups"]

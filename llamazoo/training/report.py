@@ -1,0 +1,92 @@
+"""What a training run writes for people: per_step_metrics.csv, eval_metrics.csv, summary.txt and,
+optionally, TensorBoard events.
+
+per_step_metrics.csv keeps the original Model Zoo's four columns first and in order (as plain numbers,
+not the original's `tensor(...)` cells), then the gradient norm and the step number. On resume the
+file is cut back to the resumed step, so it reads as if the run had never stopped.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+STEP_COLUMNS = ["Tokens in Step", "Step Loss", "Learning Rate", "Time per Step", "Gradient Norm", "Step"]
+EVAL_COLUMNS = ["Step", "Dev Loss", "Dev Perplexity", "Dev Tokens"]
+
+
+def _truncate_csv(path: Path, columns: list[str], keep_steps: int) -> None:
+    """Keeps the header and the rows whose Step <= keep_steps."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    kept = [r for r in rows if r.get("Step") and int(r["Step"]) <= keep_steps]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows({k: r.get(k, "") for k in columns} for r in kept)
+    tmp.replace(path)
+
+
+class MetricsLog:
+    """Appends one CSV row per step (flushed, so a killed run keeps what it did)."""
+
+    def __init__(self, output_dir: Path, resume_step: int = 0, tensorboard: bool = False):
+        self.step_file = output_dir / "per_step_metrics.csv"
+        self.eval_file = output_dir / "eval_metrics.csv"
+        for path, columns in ((self.step_file, STEP_COLUMNS), (self.eval_file, EVAL_COLUMNS)):
+            if resume_step > 0:
+                _truncate_csv(path, columns, resume_step)
+            if resume_step == 0 or not path.is_file():
+                with path.open("w", newline="") as f:
+                    csv.writer(f).writerow(columns)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("training.tensorboard is true but the tensorboard package is not installed; "
+                                 "`pip install tensorboard` or set training.tensorboard=false") from None
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def step(self, step: int, tokens: int, loss: float, lr: float, seconds: float, grad_norm: float) -> None:
+        with self.step_file.open("a", newline="") as f:
+            csv.writer(f).writerow([tokens, repr(float(loss)), repr(float(lr)), f"{seconds:.6f}",
+                                    repr(float(grad_norm)), step])
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", loss, step)
+            self.tb.add_scalar("train/learning_rate", lr, step)
+            self.tb.add_scalar("train/grad_norm", grad_norm, step)
+            self.tb.add_scalar("train/tokens_per_second", tokens / max(seconds, 1e-9), step)
+
+    def eval(self, step: int, loss: float, tokens: int) -> float:
+        ppl = perplexity(loss)
+        with self.eval_file.open("a", newline="") as f:
+            csv.writer(f).writerow([step, repr(float(loss)), repr(ppl), tokens])
+        if self.tb is not None:
+            self.tb.add_scalar("dev/loss", loss, step)
+            self.tb.add_scalar("dev/perplexity", ppl, step)
+        return ppl
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def write_summary(output_dir: Path, fields: dict[str, Any], model_knobs: dict[str, Any]) -> Path:
+    """summary.txt: the original's lines (`Name: value`) and the model knobs as JSON."""
+    lines = [f"{k}: {v}" for k, v in fields.items()]
+    lines.append("Model config: " + json.dumps(model_knobs, sort_keys=True))
+    path = output_dir / "summary.txt"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
