@@ -217,8 +217,12 @@ class SplitWriters:
             self.idx_paths.append(None if s.kind == "test" else work_dir / f"{s.name}.idx")
             self.idx.append(None if s.kind == "test" else array("q"))
         self.counts = [0] * len(splits)
+        self.open_line = [False] * len(splits)   # last line written had no newline (an input's last line)
 
     def write(self, split: int, line: bytes, index: int) -> None:
+        if self.open_line[split]:
+            self.files[split].write(b"\n")   # keep the two lines apart
+        self.open_line[split] = not line.endswith(b"\n")
         self.files[split].write(line)
         self.counts[split] += 1
         buf = self.idx[split]
