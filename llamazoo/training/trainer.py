@@ -58,6 +58,8 @@ class TrainHooks:
     handles_mixed_precision: bool = False
     # compute full logits through model.forward (for wrappers that shard lm_head with the root)
     full_logits: bool = False
+    # called after every optimizer step with (step, metrics): custom logging, tests, schedulers of jobs
+    on_step_end: Callable[[int, dict[str, float]], None] | None = None
 
 
 @dataclass
@@ -385,6 +387,9 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None, progress: bool = Tr
                 losses.append(step_loss)
                 if metrics is not None:
                     metrics.step(step, step_tokens, step_loss, lr, dt, gnorm)
+                if hooks.on_step_end is not None:
+                    hooks.on_step_end(step, {"loss": step_loss, "lr": lr, "grad_norm": gnorm, "tokens": step_tokens,
+                                             "seconds": dt})
                 if bar is not None:
                     bar.update(1)
                     if step % t.log_every_steps == 0 or step == total_steps:
