@@ -252,3 +252,180 @@ def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer=No
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     return save_state_dict_folder(sd, model.config, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
+
+
+# -- sharded models (tensor parallel / FSDP2): per-rank loading and gathered saving ---------------------
+# A parallelized model holds DTensor parameters; each rank owns a block of every sharded tensor. Loading
+# reads only that block from the safetensors files (`get_slice`, mmapped), and saving gathers one tensor
+# at a time to rank 0, which writes shards of at most max_shard_size: no rank ever holds the whole model.
+def _dist_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(this rank's local tensor, its slices in the global tensor) for a DTensor or a plain tensor."""
+    if not hasattr(t, "to_local"):
+        return t, tuple(slice(0, n) for n in t.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def load_sharded_weights(model: LlamaForCausalLM, folder: str | os.PathLike, device: str | torch.device) -> None:
+    """Fills a parallelized meta-device model with this rank's blocks of a HF folder's tensors.
+
+    The model's dtype is kept (cast it on meta before parallelizing). Safetensors files are read by
+    slice; .bin files cannot be sliced, so each rank maps the whole file and copies its blocks.
+    """
+    folder = Path(folder)
+    files = weight_files(folder)
+    model.to_empty(device=device)
+    targets = dict(model.state_dict(keep_vars=True))
+    if model.config.tie_word_embeddings:
+        targets.pop("lm_head.weight", None)
+    seen: set[str] = set()
+
+    @torch.no_grad()
+    def fill(name: str, shape: tuple[int, ...], read, file: Path) -> None:
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and name not in targets
+                                                    and model.config.tie_word_embeddings):
+            return
+        if name not in targets:
+            raise ValueError(f"{file}: unexpected tensor {name!r} for a Llama model")
+        target = targets[name]
+        if tuple(shape) != tuple(target.shape):
+            raise ValueError(f"{file}: tensor {name!r} has shape {tuple(shape)}, expected {tuple(target.shape)} "
+                             f"from config.json")
+        local, index = _local_block(target)
+        if local.numel():
+            local.copy_(read(index))
+        seen.add(name)
+
+    from safetensors import safe_open
+
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    sl = st.get_slice(name)
+                    fill(name, tuple(sl.get_shape()), lambda index, sl=sl: sl[index], f)
+        else:
+            sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+            for name, t in sd.items():
+                fill(name, tuple(t.shape), lambda index, t=t: t[index], f)
+            del sd
+    missing = [n for n in targets if n not in seen]
+    if missing:
+        raise ValueError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    _materialize_buffers(model, device)
+
+
+def iter_full_tensors(model: LlamaForCausalLM) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(name, whole tensor on CPU) on rank 0 and (name, None) elsewhere, one tensor at a time.
+
+    Every rank must iterate to the end: gathering a DTensor is a collective.
+    """
+    rank = _dist_rank()
+    tied = model.config.tie_word_embeddings
+    for name, t in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t
+        yield name, (full.detach().contiguous().cpu() if rank == 0 else None)
+        del full
+
+
+def save_sharded_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer=None,
+                       max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """A HF folder from a (possibly) sharded model, written by rank 0; call it on every rank.
+
+    Like `save_model`, the folder appears atomically; rank 0 holds at most one safetensors shard
+    (max_shard_size bytes) at a time. Returns the folder once it exists (all ranks synchronize).
+    """
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    rank = _dist_rank()
+    out = Path(out_dir)
+    tmp: Path | None = None
+    error: BaseException | None = None
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shard: dict[str, torch.Tensor] = {}
+        files: list[list[str]] = []
+        size = total = 0
+        dtype = None
+
+        def flush() -> None:
+            nonlocal shard, size
+            if shard:
+                save_file(shard, str(tmp / f"part-{len(files):05d}.safetensors"), metadata={"format": "pt"})
+                files.append(list(shard))
+                shard, size = {}, 0
+
+        for name, full in iter_full_tensors(model):
+            if rank != 0 or error is not None:
+                continue
+            try:
+                n = full.numel() * full.element_size()
+                if shard and size + n > max_shard_size:
+                    flush()
+                shard[name] = full
+                size += n
+                total += n
+                if dtype is None and full.is_floating_point():
+                    dtype = full.dtype
+            except BaseException as e:  # keep gathering with the other ranks, raise at the end
+                error = e
+        if rank == 0 and error is None:
+            flush()
+            _finish_sharded_folder(tmp, out, model.config, files, total, dtype or torch.float32, tokenizer)
+    except BaseException as e:
+        error = error or e
+    if rank == 0 and error is not None and tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_available() and dist.is_initialized():
+        ok = [error is None]
+        dist.broadcast_object_list(ok, src=0)
+        if rank != 0 and not ok[0]:
+            raise RuntimeError(f"rank 0 failed to write {out}")
+    if error is not None:
+        raise error
+    return out
+
+
+def _finish_sharded_folder(tmp: Path, out: Path, cfg: LlamaConfig, files: list[list[str]], total: int,
+                           dtype: torch.dtype, tokenizer) -> None:
+    """Names the parts as HF does (one model.safetensors, or model-0000i-of-0000n + an index), writes
+    config, generation config and tokenizer, and moves the folder into place."""
+    n = len(files)
+    weight_map = {}
+    for i, names in enumerate(files, 1):
+        final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        (tmp / f"part-{i - 1:05d}.safetensors").rename(tmp / final)
+        weight_map.update({k: final for k in names})
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    hf_cfg = cfg.to_hf()
+    hf_cfg["torch_dtype"] = dtype_name(dtype)
+    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from llamazoo.io.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        tokenizer.save(tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

@@ -272,7 +272,9 @@ class LlamaForCausalLM(nn.Module):
         p = self.lm_head.weight
         for layer in self.model.layers:
             attn = layer.self_attn
-            n_kv = attn.k_proj.weight.shape[0] // attn.head_dim  # per shard under tensor parallel
+            w = attn.k_proj.weight
+            w = w.to_local() if hasattr(w, "to_local") else w  # a DTensor shard under tensor parallel
+            n_kv = w.shape[0] // attn.head_dim
             attn.kv_cache = KVCache(batch, n_kv, max_len, attn.head_dim, dtype or p.dtype, device or p.device)
         self.cache_len = max_len
 
