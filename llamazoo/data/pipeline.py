@@ -280,10 +280,15 @@ def deal_large_file(files: list[Path], origins: Origins, writers: SplitWriters, 
     total_bytes = sum(f.stat().st_size for f in files)
     # a bucket in memory costs its bytes plus ~100 bytes of Python objects per line; aim for 1/4 budget
     k = max(1, math.ceil(total_bytes * 4 / max(budget_bytes, 1 << 20)))
+    if k > 1000:  # one open file per bucket
+        raise ValueError(f"--shuffle_memory_mb {budget_bytes / 2**20:.0f} is too small for "
+                         f"{total_bytes / 2**20:.0f} MB of input; give at least "
+                         f"{math.ceil(total_bytes * 4 / 1000 / 2**20)} MB")
     rng = np.random.default_rng(seed)
     bucket_dir = work_dir / "buckets"
     bucket_dir.mkdir(parents=True, exist_ok=True)
     outs = [open(bucket_dir / f"{b}.lines", "wb", buffering=1 << 16) for b in range(k)]
+    idx_outs = [open(bucket_dir / f"{b}.idx", "wb", buffering=1 << 16) for b in range(k)]
     idxs = [array("q") for _ in range(k)]
     choice = rng.integers(0, k, size=65536)
     total = 0
@@ -295,13 +300,15 @@ def deal_large_file(files: list[Path], origins: Origins, writers: SplitWriters, 
             b = int(choice[j])
             outs[b].write(line if line.endswith(b"\n") else line + b"\n")
             idxs[b].append(i)
+            if len(idxs[b]) >= 8192:  # line indexes go to disk too, so pass 1 holds O(K) memory
+                idxs[b].tofile(idx_outs[b])
+                idxs[b] = array("q")
             total = i + 1
+        for b in range(k):
+            idxs[b].tofile(idx_outs[b])
     finally:
-        for f in outs:
+        for f in outs + idx_outs:
             f.close()
-    for b in range(k):
-        with open(bucket_dir / f"{b}.idx", "wb") as f:
-            idxs[b].tofile(f)
     del idxs
     if total == 0:
         return 0
@@ -360,7 +367,8 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(hf: Any, article_options: ArticleOptions, packing: PackingConfig, max_seq_length: int,
                  ext: str, ignore_errors: bool, origins: Optional[Origins], counters: Any) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if not callable(counters):  # one process per core already: no extra tokenizer threads
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER.update(builder=ArticleBuilder(hf, article_options), options=article_options, packing=packing,
                    L=max_seq_length, kind="txt" if ext == ".txt" else "jsonl", ignore=ignore_errors,
                    origins=origins, counters=counters,
@@ -708,6 +716,9 @@ def prepare(opt: PrepareOptions, out: Callable[[str], None] = print) -> PrepareR
                 LOG.warning("--shuffle=False: lines are dealt to the splits in turn, without shuffling")
                 total = deal_round_robin(files, origins, writers, n)
             elif opt.shuffle == "on_RAM":
+                if input_bytes * 2 > _available_memory():
+                    raise ValueError(f"--shuffle=on_RAM needs about {2 * input_bytes / 2**30:.1f} GB of free "
+                                     "memory for this input; use --shuffle=large_file")
                 total = deal_on_ram(files, origins, writers, n, opt.seed)
             else:
                 budget = (opt.shuffle_memory_mb * 2**20 if opt.shuffle_memory_mb
