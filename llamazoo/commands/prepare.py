@@ -15,7 +15,7 @@ from llamazoo.data.packing import PACKING_CHOICES
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     single = p.prog.split()[-1] == "data_prep"
-    p.add_argument("--input_path", required=True,
+    p.add_argument("--input_path", "--input_file_path", dest="input_path", required=True,
                    help="a .jsonl or .txt file" + ("" if single else ", or a folder of them"))
     p.add_argument("--output_path", required=True,
                    help="the .hdf5 file to write" if single else "the output folder (written atomically)")
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore_input_format_error", action="store_true",
                    help="skip bad lines (listed in json_load_failed_lines.log) instead of stopping")
     p.add_argument("--overwrite_output_path", action="store_true", help="replace an existing output")
-    p.add_argument("--no_progress", dest="progress", action="store_false", default=None,
+    p.add_argument("--no_progress", "--silent", dest="progress", action="store_false", default=None,
                    help="no progress bar (by default shown on a terminal)")
     if single:
         p.set_defaults(single_file=True)
