@@ -170,3 +170,39 @@ class TrainConfig(Section):
     model: ModelSection = ModelSection()
     checkpoint: CheckpointSection = CheckpointSection()
     training: TrainingSection = TrainingSection()
+
+
+# -- generation (llamazoo generate / chat) ----------------------------------------------------------
+class GenerationSection(Section):
+    """The original's generation keys (same names and defaults) plus sampling, stops, chat and output.
+
+    batch_size rule: 1 <= batch_size <= number of prompts; prompts run in order in batches of
+    batch_size, the last batch may be smaller. Each batch needs longest prompt + max_new_tokens <=
+    model.max_seq_length, unless truncate_prompt=left keeps the last tokens of a long prompt.
+    """
+
+    prompts: list[str] = Field(default_factory=lambda: ["Once upon a time"], min_length=1)
+    max_new_tokens: int = Field(20, ge=1)
+    batch_size: int = Field(1, ge=1)
+    seed: int = 12345
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0, le=1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    stop: list[str] = Field(default_factory=list)
+    eos_token_ids: list[int] | None = None
+    chat: bool = False
+    system: str | None = None
+    truncate_prompt: Literal["error", "left"] = "error"
+    output_dir: str | None = "generate_output"
+    output_format: Literal["text", "jsonl"] = "text"
+    stream: bool = True
+    compile: bool = False
+
+
+class GenerateConfig(Section):
+    checkpoint: CheckpointSection = CheckpointSection()
+    model: ModelSection = ModelSection()
+    generation: GenerationSection = GenerationSection()

@@ -1,0 +1,23 @@
+"""`llamazoo generate [--config FILE] [section.key=value ...]`: completions, streamed, plus the latency report.
+
+With no arguments it completes "Once upon a time" with the embedded default model (greedy, 20 tokens).
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML file with checkpoint/model/generation sections")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="e.g. generation.max_new_tokens=64 'generation.prompts=[\"a\",\"b\"]' "
+                             "generation.do_sample=true generation.output_format=jsonl")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llamazoo.config import GenerateConfig, load_config
+    from llamazoo.generation.app import run_generation
+
+    cfg = load_config(GenerateConfig, args.config, args.overrides)
+    run_generation(cfg)
+    return 0

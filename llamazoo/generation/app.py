@@ -1,0 +1,179 @@
+"""The generation app: a validated `GenerateConfig` -> model + tokenizer -> engine -> outputs and report.
+
+Checks that need the tokenizer (empty prompts, prompt length, batch size) happen before any generation,
+so a bad prompt list fails in seconds with a message naming the prompt and the key to change.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from llamazoo.config import GenerateConfig, GenerationSection
+from llamazoo.generation.engine import Engine, RowResult
+from llamazoo.generation.report import Report, row_metrics
+from llamazoo.generation.sampling import SamplingParams
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    folder: Path | None
+    load_s: float
+
+
+def load(cfg: GenerateConfig) -> Loaded:
+    """Model and tokenizer as the config says (weights from checkpoint.model_name_or_path or the default)."""
+    from llamazoo.io.default import resolve_checkpoint
+    from llamazoo.io.hf import load_model
+    from llamazoo.io.tokenizer import load_tokenizer
+
+    if cfg.checkpoint.config_name:
+        raise ValueError("checkpoint.config_name (random weights) cannot generate text; set "
+                         "checkpoint.model_name_or_path to a checkpoint folder (or leave it unset for the default)")
+    name = cfg.checkpoint.model_name_or_path or "default"
+    t0 = time.perf_counter()
+    folder = Path(resolve_checkpoint(name))
+    model = load_model(str(folder), dtype=cfg.model.dtype, device=cfg.model.torch_device(),
+                       opts=cfg.model.precision_options())
+    tokenizer = load_tokenizer(str(folder))
+    return Loaded(model, tokenizer, folder if folder.is_dir() else None, time.perf_counter() - t0)
+
+
+def default_eos_ids(model, tokenizer, folder: Path | None) -> list[int]:
+    """generation_config.json's eos_token_id, else config.json's, else the tokenizer's (ints or lists)."""
+    candidates: list[Any] = []
+    gen_file = folder / "generation_config.json" if folder else None
+    if gen_file and gen_file.is_file():
+        candidates.append(json.loads(gen_file.read_text()).get("eos_token_id"))
+    candidates += [model.config.eos_token_id, tokenizer.eos_token_id]
+    for c in candidates:
+        if c is None:
+            continue
+        ids = [int(c)] if isinstance(c, int) else [int(x) for x in c]
+        if ids:
+            return ids
+    return []
+
+
+def encode_prompts(gen: GenerationSection, tokenizer, max_seq_length: int) -> list[list[int]]:
+    """Prompt texts -> token ids (through the chat template if generation.chat), with the input checks."""
+    if gen.batch_size > len(gen.prompts):
+        raise ValueError(f"generation.batch_size={gen.batch_size} but there are only {len(gen.prompts)} "
+                         f"prompt(s); the rule is 1 <= batch_size <= number of prompts (the last batch may "
+                         f"be smaller)")
+    if gen.max_new_tokens >= max_seq_length:
+        raise ValueError(f"generation.max_new_tokens={gen.max_new_tokens} leaves no room for a prompt in "
+                         f"model.max_seq_length={max_seq_length}")
+    if gen.system is not None and not gen.chat:
+        raise ValueError("generation.system is set but generation.chat is false; set generation.chat=true "
+                         "to apply the chat template with a system message")
+    budget = max_seq_length - gen.max_new_tokens
+    out = []
+    for i, text in enumerate(gen.prompts):
+        if not text:
+            raise ValueError(f"generation.prompts[{i}] is empty; every prompt needs some text")
+        if gen.chat:
+            messages = ([{"role": "system", "content": gen.system}] if gen.system else []) + \
+                       [{"role": "user", "content": text}]
+            ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        else:
+            ids = tokenizer.encode(text)
+        if not ids:
+            raise ValueError(f"generation.prompts[{i}] encodes to no tokens")
+        if len(ids) > budget:
+            if gen.truncate_prompt == "left":
+                ids = ids[-budget:]
+            else:
+                raise ValueError(
+                    f"generation.prompts[{i}] has {len(ids)} tokens; with generation.max_new_tokens="
+                    f"{gen.max_new_tokens} it must have at most {budget} (model.max_seq_length={max_seq_length}). "
+                    f"Shorten it, lower max_new_tokens, raise model.max_seq_length, or set "
+                    f"generation.truncate_prompt=left to keep its last {budget} tokens")
+        out.append(ids)
+    return out
+
+
+def sampling_params(gen: GenerationSection) -> SamplingParams:
+    return SamplingParams(do_sample=gen.do_sample, temperature=gen.temperature, top_k=gen.top_k,
+                          top_p=gen.top_p, min_p=gen.min_p, repetition_penalty=gen.repetition_penalty)
+
+
+def run_generation(cfg: GenerateConfig, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> list[RowResult]:
+    """The whole `llamazoo generate`: text mode streams completions to `out` and then prints the report;
+    jsonl mode prints one record per prompt to `out` and the report to `err`."""
+    gen = cfg.generation
+    loaded = load(cfg)
+    model, tok = loaded.model, loaded.tokenizer
+    max_seq_length = cfg.model.max_seq_length or model.config.max_position_embeddings
+    prompt_ids = encode_prompts(gen, tok, max_seq_length)
+    eos = gen.eos_token_ids if gen.eos_token_ids is not None else default_eos_ids(model, tok, loaded.folder)
+    params = sampling_params(gen)
+    engine = Engine(model, tok, compile=gen.compile, max_seq_length=max_seq_length)
+    compile_s = None
+    if gen.compile:
+        first = prompt_ids[:gen.batch_size]
+        compile_s = engine.warmup(len(first), max(len(p) for p in first), gen.max_new_tokens)
+
+    text_mode = gen.output_format == "text"
+    stream = text_mode and gen.stream and gen.batch_size == 1
+    records: list[dict[str, Any]] = []
+
+    def on_text(i: int, piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    def on_row_start(i: int) -> None:
+        if stream:
+            out.write(("\n" if i else "") + gen.prompts[i])
+            out.flush()
+
+    def on_row_done(i: int, r: RowResult) -> None:
+        rec = {"index": i, "prompt": gen.prompts[i], "completion": r.text, "prompt_token_ids": r.prompt_ids,
+               "token_ids": r.token_ids, "stop_reason": r.stop_reason, "timings": row_metrics(r)}
+        records.append(rec)
+        if stream:
+            out.write("\n")
+        elif text_mode:
+            out.write(("\n" if i else "") + gen.prompts[i] + r.text + "\n")
+        else:
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        out.flush()
+
+    rows = engine.generate(prompt_ids, gen.max_new_tokens, gen.batch_size, params, eos, gen.stop, gen.seed,
+                           on_text=on_text if stream else None, on_row_done=on_row_done,
+                           on_row_start=on_row_start)
+    header = {
+        "model": cfg.checkpoint.model_name_or_path or "default (SmolLM2-135M-Instruct)",
+        "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+        "device": str(model.lm_head.weight.device),
+        "threads": torch.get_num_threads(),
+        "batch_size": gen.batch_size,
+        "max_new_tokens": gen.max_new_tokens,
+        "decoding": "sampling" if gen.do_sample else "greedy",
+        "compile": gen.compile,
+        "load_s": round(loaded.load_s, 3),
+    }
+    if compile_s is not None:
+        header["compile_warmup_s"] = round(compile_s, 3)
+    report = Report(rows, header)
+    text = report.format_text()
+    (out if text_mode else err).write("\n" + text)
+    if gen.output_dir:
+        d = Path(gen.output_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "summary.txt").write_text(text)
+        (d / "summary.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        if text_mode:
+            (d / "completions.txt").write_text("".join(f"{r['prompt']}{r['completion']}\n\n" for r in records))
+        else:
+            (d / "completions.jsonl").write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        (out if text_mode else err).write(f"wrote {d / 'summary.txt'}\n")
+    return rows

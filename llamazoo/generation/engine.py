@@ -1,0 +1,284 @@
+"""Generation engine: prefill, then one token per step with the model's static KV cache.
+
+Batching: prompts of one batch are left-padded to the longest. Row b with pad p_b has its prompt in cache
+slots p_b..P-1 and its positions counted from 0 at its first real token, and every attention mask hides
+slots < p_b, so each row computes what it would compute alone. Finished rows keep stepping (the batch
+shape is static) but their tokens are discarded. Logits are fp32 before any processing.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from llamazoo.generation.sampling import SamplingParams, choose_tokens
+
+# tokens of context kept before the new ones when detokenizing, so SentencePiece's leading space and
+# byte-fallback sequences decode as they would in the whole text
+DETOK_CONTEXT = 6
+
+
+class StreamDecoder:
+    """Incremental detokenization: returns only complete characters, with the spaces the full decode has."""
+
+    def __init__(self, tokenizer, context_ids: Sequence[int] = ()):
+        self.tok = tokenizer
+        self.ids: list[int] = list(context_ids[-DETOK_CONTEXT:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is held back (an incomplete character at the very end)."""
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]
+
+
+@dataclass
+class RowResult:
+    """One prompt's completion. Times are seconds from the start of its batch."""
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    stop_reason: str = "length"  # eos | stop | length | interrupted
+    time_to_first_token: float = 0.0
+    total_time: float = 0.0
+    batch_id: int = 0  # which batch of the run the row was in
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class _RowState:
+    """Per-row bookkeeping during a batch: detokenizer, stop-string search, streaming hold-back."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: Sequence[str]):
+        self.detok = StreamDecoder(tokenizer, prompt_ids)
+        self.stop = [s for s in stop if s]
+        self.text = ""
+        self.emitted = 0  # characters of text already streamed
+        self.done = False
+
+    def add_text(self, piece: str) -> tuple[str, bool]:
+        """Appends decoded text; returns (text safe to stream now, whether a stop string ended the row)."""
+        if not piece:
+            return "", False
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        self.text += piece
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            return self._emit(len(self.text)), True
+        # hold back a tail that could be the beginning of a stop string
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), hold, -1):
+                if self.text.endswith(s[:n]):
+                    hold = n
+                    break
+        return self._emit(len(self.text) - hold), False
+
+    def _emit(self, upto: int) -> str:
+        out = self.text[self.emitted:upto]
+        self.emitted = max(self.emitted, upto)
+        return out
+
+    def finish(self) -> str:
+        """At the end of the row: the held-back tail (no stop string completed)."""
+        piece, stopped = self.add_text(self.detok.flush())
+        return piece + (self._emit(len(self.text)) if not stopped else "")
+
+
+StreamFn = Callable[[int, str], None]
+
+
+class Engine:
+    """Runs batches of token-id prompts through a `LlamaForCausalLM` with a static KV cache.
+
+    compile=True compiles the one-token decode step with torch.compile (static shapes: one compile per
+    batch size and cache length; cache lengths are rounded up to a multiple of `cache_multiple` so that
+    nearby prompt lengths share a compile).
+    """
+
+    def __init__(self, model, tokenizer, compile: bool = False, compile_mode: str | None = None,
+                 cache_multiple: int = 64, max_seq_length: int | None = None):
+        self.model = model
+        self.tok = tokenizer
+        self.device = model.lm_head.weight.device
+        self.compile = compile
+        self.cache_multiple = cache_multiple
+        self.max_seq_length = max_seq_length or model.config.max_position_embeddings
+        self._cache_shape: tuple[int, int] | None = None
+        self._decode = self._step
+        if compile:
+            self._decode = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
+
+    # -- model calls ------------------------------------------------------------------------------
+    def _step(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache_pos: torch.Tensor):
+        """Runs the model on new tokens and returns fp32 logits of the last position only [B,V]."""
+        h = self.model(ids, position_ids=pos, attention_mask=mask, cache_pos=cache_pos, return_hidden=True)
+        head = self.model.lm_head
+        return head(h[:, -1].to(head.weight.dtype)).float()
+
+    def _ensure_cache(self, batch: int, length: int) -> int:
+        m = self.cache_multiple
+        length = min(-(-length // m) * m, max(length, self.max_seq_length))
+        if self._cache_shape != (batch, length) or not self.model.cache_len:
+            self.model.setup_cache(batch, length)
+            self._cache_shape = (batch, length)
+        return length
+
+    def warmup(self, batch: int, prompt_len: int, max_new_tokens: int) -> float:
+        """Compiles (or warms) the decode step for this batch shape; returns the seconds it took."""
+        t0 = time.perf_counter()
+        S = self._ensure_cache(batch, prompt_len + max_new_tokens)
+        dev = self.device
+        with torch.inference_mode():
+            for _ in range(2):
+                ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+                pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+                mask = torch.ones(batch, 1, 1, S, dtype=torch.bool, device=dev)
+                self._decode(ids, pos, mask, torch.zeros(1, dtype=torch.long, device=dev))
+        return time.perf_counter() - t0
+
+    # -- generation -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                       params: SamplingParams | None = None, eos_ids: Sequence[int] = (),
+                       stop: Sequence[str] = (), generator: torch.Generator | None = None,
+                       on_text: StreamFn | None = None, catch_interrupt: bool = False) -> list[RowResult]:
+        """Generates for one batch. on_text(row, text) receives each row's text as it becomes final."""
+        params = params or SamplingParams()
+        B = len(prompts)
+        lens = [len(p) for p in prompts]
+        if B == 0 or min(lens) == 0:
+            raise ValueError("every prompt needs at least one token")
+        P = max(lens)
+        if P + max_new_tokens > self.max_seq_length:
+            raise ValueError(f"prompt of {P} tokens + max_new_tokens {max_new_tokens} exceeds "
+                             f"max_seq_length {self.max_seq_length}")
+        dev = self.device
+        pad_id = self.tok.pad_token_id if self.tok is not None and self.tok.pad_token_id is not None else 0
+        ids = torch.full((B, P), pad_id, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        ids = ids.to(dev)
+        pad = torch.tensor([P - n for n in lens], device=dev)
+        S = self._ensure_cache(B, P + max_new_tokens)
+        slots = torch.arange(S, device=dev)
+        valid = slots[None, :] >= pad[:, None]  # [B,S]: the row's own slots
+        eos = set(int(e) for e in eos_ids)
+        seen = None
+        if params.repetition_penalty != 1.0:
+            V = self.model.config.vocab_size
+            seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
+            seen.scatter_(1, ids, True)
+            for b in range(B):  # a pad token is not part of the row
+                if pad[b] and pad_id not in prompts[b]:
+                    seen[b, pad_id] = False
+
+        rows = [RowResult(list(p)) for p in prompts]
+        states = [_RowState(self.tok, list(p), stop) if self.tok is not None else None for p in prompts]
+        t0 = time.perf_counter()
+        try:
+            cache_pos = torch.arange(P, device=dev)
+            pos = (cache_pos[None, :] - pad[:, None]).clamp(min=0)
+            mask = (valid[:, None, :] & (slots[None, None, :] <= cache_pos[None, :, None]))[:, None]
+            logits = self._step(ids, pos, mask, cache_pos)
+            lens_t = torch.tensor(lens, device=dev)
+            for step in range(max_new_tokens):
+                nxt = choose_tokens(logits, params, generator, seen)
+                tokens = nxt.tolist()
+                now = time.perf_counter() - t0
+                for b, tok_id in enumerate(tokens):
+                    row, st = rows[b], states[b]
+                    if row.total_time or (st is not None and st.done):
+                        continue
+                    if step == 0:
+                        row.time_to_first_token = now
+                    row.token_ids.append(tok_id)
+                    ended = None
+                    if tok_id in eos:
+                        ended = "eos"
+                    elif st is not None:
+                        piece, hit = st.add_text(st.detok.push(tok_id))
+                        if piece and on_text:
+                            on_text(b, piece)
+                        if hit:
+                            ended = "stop"
+                    if ended is None and step == max_new_tokens - 1:
+                        ended = "length"
+                    if ended:
+                        self._finish_row(row, st, ended, now, b, on_text)
+                if all(r.total_time for r in rows) or step == max_new_tokens - 1:
+                    break
+                if seen is not None:
+                    seen.scatter_(1, nxt[:, None], True)
+                cur = P + step
+                cache_pos = torch.tensor([cur], device=dev)
+                pos = (lens_t + step)[:, None]
+                mask = (valid & (slots <= cur)[None, :])[:, None, None, :]
+                logits = self._decode(nxt[:, None], pos, mask, cache_pos)
+        except KeyboardInterrupt:
+            if not catch_interrupt:
+                raise
+            now = time.perf_counter() - t0
+            for b, row in enumerate(rows):
+                if not row.total_time:
+                    self._finish_row(row, states[b], "interrupted", now, b, on_text)
+        return rows
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 1,
+                 params: SamplingParams | None = None, eos_ids: Sequence[int] = (), stop: Sequence[str] = (),
+                 seed: int | None = None, on_text: StreamFn | None = None,
+                 on_row_done: Callable[[int, RowResult], None] | None = None,
+                 on_row_start: Callable[[int], None] | None = None) -> list[RowResult]:
+        """All prompts, in order, in batches of batch_size (the last may be smaller); on_text gets the
+        prompt's index in `prompts`. One seeded generator for the whole run, so a seed fixes the text."""
+        generator = torch.Generator(device=self.device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        results: list[RowResult] = []
+        for batch_id, start in enumerate(range(0, len(prompts), batch_size)):
+            chunk = prompts[start:start + batch_size]
+            stream = (lambda b, text, s=start: on_text(s + b, text)) if on_text else None
+            if on_row_start:
+                for i in range(len(chunk)):
+                    on_row_start(start + i)
+            rows = self.generate_batch(chunk, max_new_tokens, params, eos_ids, stop, generator, stream)
+            for i, r in enumerate(rows):
+                r.batch_id = batch_id
+                if on_row_done:
+                    on_row_done(start + i, r)
+            results += rows
+        return results
+
+    @staticmethod
+    def _finish_row(row: RowResult, st: _RowState | None, reason: str, now: float, b: int,
+                    on_text: StreamFn | None) -> None:
+        row.stop_reason = reason
+        row.total_time = max(now, 1e-9)
+        if st is not None:
+            if reason != "stop":
+                piece = st.finish()
+                if piece and on_text:
+                    on_text(b, piece)
+            st.done = True
+            row.text = st.text

@@ -1,0 +1,184 @@
+"""Greedy generation is token-identical to transformers' generate, alone and in left-padded batches;
+stops, EOS ids and streaming detokenization end and print at the right token."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import hf_tiny_model
+from llamazoo.generation.engine import Engine, StreamDecoder, _RowState
+from llamazoo.generation.sampling import SamplingParams
+from llamazoo.io.hf import load_model
+
+NEW = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared machine spinning threads cost a lot."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+VARIANTS = {
+    "mha": {},
+    "gqa": dict(num_key_value_heads=2),
+    "rope_llama3": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+}
+
+
+def hf_greedy(hf_model, prompts: list[list[int]], new: int, eos: int | None, pad: int = 0) -> list[list[int]]:
+    """transformers generate(do_sample=False) on a left-padded batch; rows cut after their EOS."""
+    T = max(map(len, prompts))
+    ids = torch.full((len(prompts), T), pad)
+    attn = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        attn[b, T - len(p):] = 1
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new, do_sample=False,
+                                eos_token_id=eos, pad_token_id=pad, min_new_tokens=0)
+    rows = []
+    for row in out[:, T:].tolist():
+        if eos is not None and eos in row:
+            row = row[:row.index(eos) + 1]
+        rows.append(row)
+    return rows
+
+
+def random_prompts(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_matches_transformers_alone_and_batched(tmp_path, variant):
+    hf_model = hf_tiny_model(max_position_embeddings=256, **VARIANTS[variant])
+    hf_model.save_pretrained(tmp_path)
+    engine = Engine(load_model(tmp_path), tokenizer=None)
+    prompts = random_prompts([11, 5, 17, 1], 256, seed=1)
+    eos = None  # random weights: run all 64 steps, so every position is compared
+    ref_batch = hf_greedy(hf_model, prompts, NEW, eos)
+    ref_alone = hf_greedy(hf_model, prompts[:1], NEW, eos)
+    ours_batch = [r.token_ids for r in engine.generate_batch(prompts, NEW, eos_ids=())]
+    assert ours_batch == ref_batch
+    assert [r.token_ids for r in engine.generate_batch(prompts[:1], NEW)] == ref_alone
+    for p, row in zip(prompts, ours_batch):  # each row gives what it gives alone
+        assert engine.generate_batch([p], NEW)[0].token_ids == row
+
+
+def test_eos_ids_end_rows_and_finished_rows_stop(tmp_path):
+    hf_tiny_model(max_position_embeddings=256, num_key_value_heads=2).save_pretrained(tmp_path)
+    engine = Engine(load_model(tmp_path), tokenizer=None)
+    prompts = random_prompts([6, 9], 256, seed=2)
+    full = [r.token_ids for r in engine.generate_batch(prompts, 24)]
+    # pick two ids that appear in the free-running rows: each row must end at the first of either
+    eos = {full[0][5], full[1][9]}
+    rows = engine.generate_batch(prompts, 24, eos_ids=sorted(eos))
+    for got, ref in zip(rows, full):
+        cut = next(i for i, t in enumerate(ref) if t in eos)
+        assert got.token_ids == ref[:cut + 1]
+        assert got.stop_reason == "eos"
+
+
+def test_smollm2_greedy_64_tokens_matches_transformers(default_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from llamazoo.io.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_model_dir)
+    texts = ["Once upon a time", "The capital of France is", "def fibonacci(n):\n", "Llamas are"]
+    prompts = [tok.encode(t) for t in texts]
+    assert len(set(map(len, prompts))) > 2
+    hf_model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    eos = tok.eos_token_id
+    ref_batch = hf_greedy(hf_model, prompts, NEW, eos, pad=tok.pad_token_id)
+    ref_alone = hf_greedy(hf_model, prompts[:1], NEW, eos, pad=tok.pad_token_id)
+    del hf_model
+    engine = Engine(load_model(default_model_dir), tok)
+    batch = engine.generate_batch(prompts, NEW, eos_ids=[eos])
+    assert [r.token_ids for r in batch] == ref_batch
+    alone = engine.generate_batch(prompts[:1], NEW, eos_ids=[eos])[0]
+    assert alone.token_ids == ref_alone[0]
+    assert alone.text == tok.decode(ref_alone[0])  # streamed pieces add up to the whole decode
+    assert len(alone.token_ids) == NEW and alone.stop_reason == "length"
+
+
+# -- stop strings and streaming --------------------------------------------------------------------
+class FakeTok:
+    """A character-level tokenizer: id = ord(char)."""
+
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids)
+
+
+def feed(stop: list[str], text: str) -> tuple[str, str, int | None]:
+    st = _RowState(FakeTok(), [ord("x")], stop)
+    streamed = ""
+    for i, ch in enumerate(text):
+        piece, hit = st.add_text(st.detok.push(ord(ch)))
+        streamed += piece
+        if hit:
+            return streamed, st.text, i
+    return streamed + st.finish(), st.text, None
+
+
+def test_stop_string_ends_at_the_completing_token_and_is_not_streamed():
+    streamed, text, at = feed(["END", "##"], "abc EN xyz ENDING")
+    assert (streamed, text, at) == ("abc EN xyz ", "abc EN xyz ", 13)
+    # a partial match is held back only while it can still become a stop string
+    streamed, text, at = feed(["END"], "abc EN")
+    assert (streamed, text, at) == ("abc EN", "abc EN", None)
+    streamed, text, at = feed(["##", "END"], "x ## END")
+    assert (text, at) == ("x ", 3)
+
+
+def test_stop_strings_in_engine(tmp_path):
+    hf_tiny_model(max_position_embeddings=256).save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    tok = FakeTok()
+    engine = Engine(model, tok)
+    prompt = random_prompts([5], 256, seed=3)
+    free = engine.generate_batch(prompt, 30)[0]
+    target = tok.decode(free.token_ids[7:9])  # a stop string completed by token 8
+    got = engine.generate_batch(prompt, 30, stop=[target])[0]
+    first = free.text.find(target)
+    end_token = next(i for i in range(30) if target in tok.decode(free.token_ids[:i + 1]))
+    assert got.stop_reason == "stop"
+    assert got.token_ids == free.token_ids[:end_token + 1]
+    assert got.text == free.text[:first]
+
+
+def test_stream_decoder_multibyte_and_sentencepiece_spaces(default_model_dir, shared):
+    from llamazoo.io.tokenizer import load_tokenizer
+
+    text = " Llamas 🦙 live in the Andes — très haut, 日本語 too.\n  Done"
+    for tok in (load_tokenizer(default_model_dir), load_tokenizer(shared / "tokenizers" / "llama2")):
+        prompt = tok.encode("Hello")
+        ids = tok.encode(text, add_special_tokens=False)
+        dec = StreamDecoder(tok, prompt)
+        pieces = [dec.push(i) for i in ids] + [dec.flush()]
+        assert not any("\ufffd" in p for p in pieces)
+        whole = tok.decode(prompt + ids)
+        assert tok.decode(prompt) + "".join(pieces) == whole
+
+
+def test_batch_rows_and_sampling_seeded(tmp_path):
+    hf_tiny_model(max_position_embeddings=256).save_pretrained(tmp_path)
+    engine = Engine(load_model(tmp_path), tokenizer=None)
+    prompts = random_prompts([4, 8, 2], 256, seed=4)
+    params = SamplingParams(do_sample=True, temperature=0.9, top_k=40, top_p=0.95)
+    a = engine.generate(prompts, 16, batch_size=2, params=params, seed=7)
+    b = engine.generate(prompts, 16, batch_size=2, params=params, seed=7)
+    c = engine.generate(prompts, 16, batch_size=2, params=params, seed=8)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.token_ids for r in a] != [r.token_ids for r in c]
+    assert [r.batch_id for r in a] == [0, 0, 1]
+    greedy = engine.generate(prompts, 16, batch_size=3)
+    top1 = engine.generate(prompts, 16, batch_size=3, seed=1,
+                           params=SamplingParams(do_sample=True, top_k=1, temperature=0.7))
+    assert [r.token_ids for r in top1] == [r.token_ids for r in greedy]
