@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data_prep": ("llamazoo.commands.prepare", "one jsonl/txt file -> one packed .hdf5 file (generative_data_prep's data_prep)"),
     "inspect-data": ("llamazoo.commands.inspect_data", "show a packed HDF5 dataset: shapes, token types, decoded rows"),
     "train": ("llamazoo.commands.train", "fine-tune or pre-train on a prepared HDF5 dataset (the original's training app)"),
+    "plan": ("llamazoo.commands.plan", "per-device memory of a training/generation layout, and the smallest that fits"),
 }
 
 
