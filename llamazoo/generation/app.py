@@ -105,9 +105,10 @@ def sampling_params(gen: GenerationSection) -> SamplingParams:
                           top_p=gen.top_p, min_p=gen.min_p, repetition_penalty=gen.repetition_penalty)
 
 
-def run_generation(cfg: GenerateConfig, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> list[RowResult]:
-    """The whole `llamazoo generate`: text mode streams completions to `out` and then prints the report;
-    jsonl mode prints one record per prompt to `out` and the report to `err`."""
+def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO | None = None) -> list[RowResult]:
+    """The whole `llamazoo generate`: text mode streams completions to `out` (stdout) and then prints the
+    report; jsonl mode prints one record per prompt to `out` and the report to `err` (stderr)."""
+    out, err = out or sys.stdout, err or sys.stderr
     gen = cfg.generation
     loaded = load(cfg)
     model, tok = loaded.model, loaded.tokenizer
@@ -177,3 +178,27 @@ def run_generation(cfg: GenerateConfig, out: TextIO = sys.stdout, err: TextIO = 
                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         (out if text_mode else err).write(f"wrote {d / 'summary.txt'}\n")
     return rows
+
+
+CHAT_MAX_NEW_TOKENS = 512
+
+
+def run_chat(cfg: GenerateConfig, stdin: TextIO | None = None, out: TextIO | None = None) -> None:
+    """The whole `llamazoo chat`. Uses generation.{system, sampling keys, stop, eos_token_ids, seed,
+    compile}; max_new_tokens defaults to 512 per answer here unless set."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    from llamazoo.generation.chat import ChatSession, chat_loop
+
+    gen = cfg.generation
+    loaded = load(cfg)
+    model, tok = loaded.model, loaded.tokenizer
+    if not tok.chat_template:
+        raise ValueError(f"{loaded.folder}: the tokenizer has no chat template, so `llamazoo chat` cannot "
+                         f"format a conversation; use `llamazoo generate` for plain completion")
+    max_new = gen.max_new_tokens if "max_new_tokens" in gen.model_fields_set else CHAT_MAX_NEW_TOKENS
+    max_seq_length = cfg.model.max_seq_length or model.config.max_position_embeddings
+    max_new = min(max_new, max_seq_length // 2)
+    eos = gen.eos_token_ids if gen.eos_token_ids is not None else default_eos_ids(model, tok, loaded.folder)
+    engine = Engine(model, tok, compile=gen.compile, max_seq_length=max_seq_length)
+    session = ChatSession(engine, sampling_params(gen), max_new, eos, gen.stop, gen.system, gen.seed)
+    chat_loop(session, stdin, out, interactive=stdin.isatty())

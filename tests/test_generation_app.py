@@ -1,0 +1,180 @@
+"""`llamazoo generate` / `llamazoo chat` end to end: default run, outputs, report arithmetic, clear errors."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import hf_tiny_model
+from llamazoo.cli import main
+from llamazoo.generation.engine import RowResult
+from llamazoo.generation.report import Report, aggregate_metrics, row_metrics
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, default_model_dir):
+    """A tiny random Llama with SmolLM2's tokenizer and chat template (vocab 49152, 2 layers)."""
+    out = tmp_path_factory.mktemp("tiny_chat")
+    hf_tiny_model(vocab_size=49152, max_position_embeddings=128, eos_token_id=2).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(default_model_dir / name, out / name)
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0], "do_sample": False}))
+    return out
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_default_command_completes_once_upon_a_time(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["generate"], capsys)
+    assert code == 0, err
+    assert out.startswith("Once upon a time")
+    completion = out.split("\n")[0]
+    assert len(completion) > len("Once upon a time") + 20
+    for label in ("Time to first token", "Latency per token excluding the first", "Latency per token overall",
+                  "Total latency", "Tokens/second excluding the first", "Tokens/second overall",
+                  "Prompt tokens/second"):
+        assert label in out
+    summary = (tmp_path / "generate_output" / "summary.txt").read_text()
+    assert "Total latency" in summary and "generated tokens: 20" in summary
+    assert (tmp_path / "generate_output" / "completions.txt").read_text().startswith(completion)
+
+
+def test_jsonl_batches_match_single_runs(tiny_folder, tmp_path, capsys):
+    prompts = ["Hello there", "A much longer prompt about llamas and alpacas", "x"]
+    common = [f"checkpoint.model_name_or_path={tiny_folder}", "generation.max_new_tokens=12",
+              f"generation.output_dir={tmp_path / 'o'}", "generation.output_format=jsonl"]
+    code, out, err = run_cli(["generate", *common, f"generation.prompts={json.dumps(prompts)}",
+                              "generation.batch_size=2"], capsys)
+    assert code == 0, err
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in recs] == prompts
+    assert set(recs[0]) >= {"prompt", "completion", "token_ids", "stop_reason", "timings"}
+    assert "Total latency" in err  # the report goes to stderr so stdout stays jsonl
+    assert (tmp_path / "o" / "completions.jsonl").read_text().splitlines() == out.splitlines()
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["aggregate"]["prompts"] == 3 and summary["aggregate"]["batches"] == 2
+    for i, p in enumerate(prompts):
+        code, out1, _ = run_cli(["generate", *common, f"generation.prompts={json.dumps([p])}"], capsys)
+        assert json.loads(out1)["token_ids"] == recs[i]["token_ids"]
+
+
+def test_several_eos_ids_from_generation_config(tiny_folder, tmp_path, capsys):
+    common = [f"checkpoint.model_name_or_path={tiny_folder}", "generation.max_new_tokens=20",
+              "generation.output_dir=null", "generation.output_format=jsonl"]
+    _, out, _ = run_cli(["generate", *common, "generation.eos_token_ids=[]"], capsys)
+    free = json.loads(out)["token_ids"]
+    eos = [free[4], free[9]]
+    _, out, _ = run_cli(["generate", *common, f"generation.eos_token_ids={eos}"], capsys)
+    rec = json.loads(out)
+    cut = next(i for i, t in enumerate(free) if t in eos)
+    assert rec["token_ids"] == free[:cut + 1] and rec["stop_reason"] == "eos"
+
+
+def test_chat_template_and_system(tiny_folder, capsys):
+    from llamazoo.config import GenerateConfig, load_config
+    from llamazoo.generation.app import encode_prompts, load
+
+    cfg = load_config(GenerateConfig, None, [f"checkpoint.model_name_or_path={tiny_folder}",
+                                             "generation.chat=true", "generation.system=Be brief."])
+    tok = load(cfg).tokenizer
+    ids = encode_prompts(cfg.generation, tok, 128)[0]
+    assert tok.decode(ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nOnce upon a time"
+                               "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_command_reads_stdin(tiny_folder, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/system Talk like a pirate.\nHello again\n/bogus\n/exit\nnot read\n"))
+    code, out, err = run_cli(["chat", f"checkpoint.model_name_or_path={tiny_folder}",
+                              "generation.max_new_tokens=5"], capsys)
+    assert code == 0, err
+    assert "(system message set; conversation reset)" in out and "unknown command /bogus" in out
+
+
+def test_chat_session_keeps_history_and_drops_old_turns(tiny_folder):
+    from llamazoo.generation.chat import ChatSession
+    from llamazoo.generation.engine import Engine
+    from llamazoo.generation.sampling import SamplingParams
+    from llamazoo.io.hf import load_model
+    from llamazoo.io.tokenizer import load_tokenizer
+
+    engine = Engine(load_model(tiny_folder), load_tokenizer(tiny_folder), max_seq_length=128)
+    s = ChatSession(engine, SamplingParams(), 8, [2], system="S")
+    s.reply("first")
+    assert [m["role"] for m in s.history] == ["user", "assistant"]
+    s.reply("second " * 45)
+    s.reply("third " * 45)  # no longer fits with the first turns: they go, the system message stays
+    assert s.history[0]["content"].startswith(("second", "third")) and s.messages()[0]["content"] == "S"
+    assert s.command("/reset") and s.history == []
+    assert s.command("/exit") is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ('generation.prompts=["ok", ""]', r"generation.prompts\[1\] is empty"),
+    ("generation.prompts=[]", "generation.prompts"),
+    ("generation.batch_size=3", "batch_size=3 but there are only 1 prompt"),
+    ("model.max_seq_length=24", r"prompts\[0\] has \d+ tokens.*at most 4.*truncate_prompt=left"),
+    ("generation.max_new_tokens=200", "leaves no room"),
+    ("generation.temprature=0.5", "unknown key 'generation.temprature'"),
+    ("generation.top_p=1.5", "generation.top_p"),
+    ("generation.system=hi", "generation.chat=true"),
+    ("checkpoint.config_name=llama2-7b", "cannot generate text"),
+])
+def test_bad_input_is_one_clear_line(tiny_folder, capsys, override, message):
+    prompt = 'generation.prompts=["' + "word " * 30 + '"]'
+    argv = ["generate", f"checkpoint.model_name_or_path={tiny_folder}", "generation.max_new_tokens=20",
+            "generation.output_dir=null"]
+    argv += [prompt] if "max_seq_length" in override else []
+    code, out, err = run_cli(argv + [override], capsys)
+    assert code == 1
+    assert err.startswith("llamazoo generate: error:") and len(err.strip().splitlines()) == 1
+    import re
+
+    assert re.search(message, err), err
+
+
+def test_truncate_left_keeps_the_last_tokens(tiny_folder, capsys):
+    prompt = 'generation.prompts=["' + "word " * 30 + 'end"]'
+    code, out, err = run_cli(["generate", f"checkpoint.model_name_or_path={tiny_folder}", prompt,
+                              "generation.max_new_tokens=20", "model.max_seq_length=24",
+                              "generation.truncate_prompt=left", "generation.output_dir=null",
+                              "generation.output_format=jsonl"], capsys)
+    assert code == 0, err
+    rec = json.loads(out)
+    assert len(rec["prompt_token_ids"]) == 4 and len(rec["token_ids"]) == 20
+
+
+def test_report_arithmetic():
+    a = RowResult([1, 2, 3, 4], token_ids=[5] * 5, time_to_first_token=0.5, total_time=2.5)
+    b = RowResult([1, 2], token_ids=[5] * 3, time_to_first_token=0.5, total_time=1.5)
+    c = RowResult([1], token_ids=[5] * 4, time_to_first_token=0.2, total_time=1.2, batch_id=1)
+    m = row_metrics(a)
+    assert m["total_latency_s"] == 2.5  # not multiplied by the batch size
+    assert m["latency_per_token_excl_first_ms"] == pytest.approx(500) and m["latency_per_token_ms"] == 500
+    assert m["tokens_per_s"] == 2 and m["tokens_per_s_excl_first"] == pytest.approx(2)
+    assert m["prompt_tokens_per_s"] == 8
+    agg = aggregate_metrics([a, b, c])
+    assert agg["total_latency_s"] == pytest.approx(2.5 + 1.2)  # batches run one after the other
+    assert agg["tokens_per_s"] == pytest.approx(12 / 3.7)
+    assert agg["tokens_per_s_excl_first"] == pytest.approx((12 - 3) / (3.7 - 0.7))
+    assert agg["prompt_tokens_per_s"] == pytest.approx(7 / 0.7)
+    assert agg["time_to_first_token_s"] == pytest.approx(1.2 / 3)
+    text = Report([a, b, c], {"model": "m"}).format_text()
+    assert "Total latency: 3.7000 s" in text and "row" in text
+    one = RowResult([1], token_ids=[7], time_to_first_token=0.1, total_time=0.1)
+    assert "Latency per token excluding the first: n/a" in Report([one], {}).format_text()
