@@ -49,6 +49,19 @@ class CheckpointSection(Section):
     config_name: str | None = None
 
 
+class ParallelSection(Section):
+    """Scale-out under torchrun (`torchrun --nproc_per_node N -m llamazoo train|generate ...`).
+
+    data_parallel: how the world / tensor_parallel replicas share the work: ddp (full replicas,
+    gradients all-reduced) or fsdp (FSDP2: weights, gradients and optimizer states sharded).
+    tensor_parallel: ranks that split every layer (attention heads, MLP columns, vocabulary); must
+    divide the number of processes and the model's KV heads. Without torchrun both must stay 1/default.
+    """
+
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"
+    tensor_parallel: int = Field(1, ge=1)
+
+
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -170,6 +183,7 @@ class TrainConfig(Section):
     model: ModelSection = ModelSection()
     checkpoint: CheckpointSection = CheckpointSection()
     training: TrainingSection = TrainingSection()
+    parallel: ParallelSection = ParallelSection()
 
 
 # -- generation (llamazoo generate / chat) ----------------------------------------------------------
@@ -206,3 +220,4 @@ class GenerateConfig(Section):
     checkpoint: CheckpointSection = CheckpointSection()
     model: ModelSection = ModelSection()
     generation: GenerationSection = GenerationSection()
+    parallel: ParallelSection = ParallelSection()

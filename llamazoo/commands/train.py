@@ -18,11 +18,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from llamazoo.cli import UserError
     from llamazoo.config import TrainConfig, load_config
+    from llamazoo.distributed.trainer_hooks import parallel_training
     from llamazoo.training.trainer import TrainingError, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     try:
-        result = train(cfg, progress=not args.no_progress)
+        with parallel_training(cfg) as hooks:  # None unless launched by torchrun (cfg.parallel)
+            result = train(cfg, hooks=hooks, progress=not args.no_progress)
     except TrainingError as e:
         raise UserError(str(e)) from None
     return 0 if result["interrupted"] is None or result["checkpoint"] else 1

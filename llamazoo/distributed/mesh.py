@@ -101,7 +101,7 @@ def init_parallel(tensor_parallel: int = 1, device: str | torch.device | None = 
         raise ValueError(f"parallel.tensor_parallel must be >= 1 (got {tp})")
     if world % tp:
         raise ValueError(f"parallel.tensor_parallel={tp} does not divide the number of processes ({world}); "
-                         f"launch a multiple of {tp} processes")
+                         f"launch a multiple of {tp} processes, e.g. torchrun --nproc_per_node {tp} -m llamazoo ...")
     ctx = ParallelContext(rank=rank, world_size=world, local_rank=local_rank, dp_size=world // tp,
                           tp_size=tp, device=dev)
     if world == 1:

@@ -93,7 +93,11 @@ def apply_fsdp(model: LlamaForCausalLM, dp_mesh, param_dtype: torch.dtype | None
     """FSDP2 (`fully_shard`): each decoder layer a unit, the root holding embeddings, norm and lm_head."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # Gradients are reduced in fp32 when computing in bf16; inputs are not cast, so that the residual
+    # stream stays fp32 (the fp32_skip_add knob) exactly as in a single-process bf16 model.
+    if param_dtype is not None and reduce_dtype is None:
+        reduce_dtype = torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for layer in model.model.layers:
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)

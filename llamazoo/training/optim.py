@@ -96,6 +96,10 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> to
     params = [p for p in params if p.grad is not None]
     if not params:
         return torch.zeros(())
+    if _has_dtensor([{"params": params}]):  # TP / FSDP2 shards: torch's version cannot mix them with tensors
+        from llamazoo.distributed.parallelize import clip_grad_norm as sharded_clip_grad_norm
+
+        return sharded_clip_grad_norm(params, max_norm)
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"), foreach=True)
 
 

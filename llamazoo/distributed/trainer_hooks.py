@@ -1,0 +1,105 @@
+"""Plugs DDP / FSDP2 / TP into `llamazoo.training.trainer.train` through its `TrainHooks`.
+
+The trainer stays single-process code: it asks the hooks to wrap the model, for its data-parallel
+rank and group (the sampler takes rank's part of every global batch), and for state dicts. Here those
+answers come from the DP x TP mesh: the DP group is one mesh dimension, rank 0 of the world is the only
+writer, and sharded (DTensor) weights and optimizer states are gathered one tensor at a time.
+
+(This module imports the trainer's hook types lazily: the trainer is the layer above.)
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from llamazoo.distributed.mesh import ParallelContext
+from llamazoo.distributed.parallelize import parallelize
+
+
+def _is_dtensor(t: Any) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
+
+
+def _has_dtensors(model: nn.Module) -> bool:
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
+def make_checkpoint_io(ctx: ParallelContext):
+    """A CheckpointIO whose state dicts are whole tensors on rank 0 (and empty elsewhere)."""
+    from llamazoo.training.state import CheckpointIO
+
+    class ParallelCheckpointIO(CheckpointIO):
+        is_writer = ctx.is_main
+
+        def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+            from llamazoo.io.hf import iter_full_tensors
+
+            sd = {name: t for name, t in iter_full_tensors(model) if t is not None}
+            return sd if ctx.is_main else {}
+
+        def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+            if not _has_dtensors(model):
+                return optimizer.state_dict() if ctx.is_main else {}
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(model, optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+        def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                                      sd: dict[str, Any]) -> None:
+            if not _has_dtensors(model):
+                optimizer.load_state_dict(sd)
+                return
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))
+
+    return ParallelCheckpointIO()
+
+
+def training_hooks(ctx: ParallelContext, cfg):
+    """TrainHooks for `cfg.parallel` on the mesh of `ctx` (a TrainConfig with a `parallel` section)."""
+    from llamazoo.training.trainer import TrainHooks
+
+    par = cfg.parallel
+    fsdp = par.data_parallel == "fsdp" and ctx.dp_size > 1
+    bf16 = cfg.training.dtype == "bf16"
+
+    def wrap(model: nn.Module, _cfg) -> nn.Module:
+        return parallelize(model, ctx, par.data_parallel, param_dtype=torch.bfloat16 if fsdp and bf16 else None)
+
+    return TrainHooks(
+        parallelize=wrap,
+        checkpoint_io=make_checkpoint_io(ctx),
+        dp_rank=ctx.dp_rank,
+        dp_world_size=ctx.dp_size,
+        dp_group=ctx.dp_mesh.get_group() if ctx.mesh is not None else None,
+        grads_averaged=True,
+        # FSDP2 keeps fp32 shards and computes in bf16 (MixedPrecisionPolicy): no master copy needed.
+        handles_mixed_precision=fsdp and bf16,
+        # lm_head belongs to the root FSDP unit: call it inside the model's forward.
+        full_logits=fsdp,
+    )
+
+
+@contextlib.contextmanager
+def parallel_training(cfg) -> Iterator[Any]:
+    """Under torchrun: joins the world, yields TrainHooks for cfg.parallel, and leaves it on exit.
+
+    A plain single process (no WORLD_SIZE) with default parallel settings yields None: the trainer's
+    single-process defaults.
+    """
+    from llamazoo.distributed.mesh import env_world, init_parallel, shutdown
+
+    _, world, _ = env_world()
+    if world == 1 and cfg.parallel.tensor_parallel == 1:
+        yield None
+        return
+    ctx = init_parallel(cfg.parallel.tensor_parallel, cfg.model.torch_device())
+    try:
+        yield training_hooks(ctx, cfg)
+    finally:
+        shutdown()

@@ -1,0 +1,103 @@
+"""`torchrun -m llamazoo train` with DDP, FSDP2, TP and DP x TP equals one process with the same global
+batch (per-step losses and final weights, fp32 on CPU with gloo); two torchrun invocations with
+--nnodes=2 on 127.0.0.1 train together; the HF folder a sharded run writes loads in transformers."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed_parallel import free_port, torchrun, torchrun_env
+from train_helpers import random_dataset, tiny_config_file
+
+from llamazoo.config import TrainConfig, load_config
+from llamazoo.training.trainer import train
+
+STEPS = 4
+GLOBAL_BATCH = 4
+
+
+def overrides(base: Path, out: Path, per_worker_batch: int, *extra: str) -> list[str]:
+    return [f"training.dataset={base / 'ds'}", f"checkpoint.config_name={base / 'c.json'}",
+            f"training.output_dir={out}", "model.device=cpu", f"training.batch_size={per_worker_batch}",
+            "training.learning_rate=1e-3", "training.max_grad_norm=0.5", "training.weight_decay=0.1",
+            f"training.end_early_at_step={STEPS}", "training.evaluate=false", *extra]
+
+
+def step_losses(out: Path) -> list[float]:
+    with (out / "per_step_metrics.csv").open() as f:
+        return [float(r["Step Loss"]) for r in csv.DictReader(f)]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    from llamazoo.io.hf import load_model
+
+    return load_model(out).state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One process, global batch 4."""
+    base = tmp_path_factory.mktemp("dist_train")
+    random_dataset(base / "ds", L=32, n_articles=60)
+    tiny_config_file(base / "c.json", tie_word_embeddings=True)
+    train(load_config(TrainConfig, None, overrides(base, base / "ref", GLOBAL_BATCH)), progress=False)
+    return base
+
+
+def run_parallel(base: Path, name: str, nproc: int, tp: int, dp_kind: str) -> Path:
+    out = base / name
+    dp = nproc // tp
+    torchrun(nproc, ["-m", "llamazoo", "train", "--no-progress",
+                     *overrides(base, out, GLOBAL_BATCH // dp, f"parallel.data_parallel={dp_kind}",
+                                f"parallel.tensor_parallel={tp}")], timeout=240)
+    return out
+
+
+def assert_same_training(base: Path, out: Path) -> None:
+    ref, got = step_losses(base / "ref"), step_losses(out)
+    assert len(got) == len(ref) == STEPS
+    assert max(abs(a - b) for a, b in zip(ref, got)) <= 1e-5, (ref, got)
+    w_ref, w_got = weights(base / "ref"), weights(out)
+    assert w_ref.keys() == w_got.keys()
+    for k in w_ref:
+        assert (w_ref[k] - w_got[k]).abs().max().item() <= 1e-5, k
+
+
+@pytest.mark.parametrize("name,nproc,tp,dp_kind", [("ddp2", 2, 1, "ddp"), ("fsdp2", 2, 1, "fsdp"),
+                                                   ("tp2", 2, 2, "ddp"), ("fsdp2_tp2", 4, 2, "fsdp")])
+def test_parallel_training_equals_one_process(reference, name, nproc, tp, dp_kind):
+    out = run_parallel(reference, name, nproc, tp, dp_kind)
+    assert_same_training(reference, out)
+    summary = (out / "summary.txt").read_text()
+    assert f"Number of DP workers" in summary and str(nproc // tp) in summary.split("Number of DP workers")[1][:10]
+    if name == "fsdp2":  # the folder written from sharded state loads in transformers with equal logits
+        import transformers
+
+        from llamazoo.io.hf import load_model
+
+        ours = load_model(out)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert (ours(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_two_nodes_on_localhost_train_together(reference):
+    """Two torchrun invocations (one process each) meet through a c10d rendezvous and train as DDP 2."""
+    out = reference / "nnodes2"
+    port = free_port()
+    run_id = uuid.uuid4().hex[:8]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={run_id}",
+           "-m", "llamazoo", "train", "--no-progress", *overrides(reference, out, GLOBAL_BATCH // 2)]
+    nodes = [subprocess.Popen(cmd, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=240) for p in nodes]
+    for p, (so, se) in zip(nodes, results):
+        assert p.returncode == 0, f"{so[-2000:]}\n{se[-4000:]}"
+    assert_same_training(reference, out)
