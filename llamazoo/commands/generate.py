@@ -16,8 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llamazoo.config import GenerateConfig, load_config
+    from llamazoo.distributed.generation_hooks import parallel_generation
     from llamazoo.generation.app import run_generation
 
     cfg = load_config(GenerateConfig, args.config, args.overrides)
-    run_generation(cfg)
+    with parallel_generation(cfg) as kwargs:  # {} unless launched by torchrun with parallel.tensor_parallel
+        run_generation(cfg, **kwargs)
     return 0

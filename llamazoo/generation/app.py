@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import torch
 
@@ -28,8 +28,10 @@ class Loaded:
     load_s: float
 
 
-def load(cfg: GenerateConfig) -> Loaded:
-    """Model and tokenizer as the config says (weights from checkpoint.model_name_or_path or the default)."""
+def load(cfg: GenerateConfig, model_loader: Callable[..., Any] | None = None) -> Loaded:
+    """Model and tokenizer as the config says (weights from checkpoint.model_name_or_path or the default).
+
+    model_loader replaces `llamazoo.io.hf.load_model` (same arguments), e.g. to load tensor-parallel shards."""
     from llamazoo.io.default import resolve_checkpoint
     from llamazoo.io.hf import load_model
     from llamazoo.io.tokenizer import load_tokenizer
@@ -40,7 +42,7 @@ def load(cfg: GenerateConfig) -> Loaded:
     name = cfg.checkpoint.model_name_or_path or "default"
     t0 = time.perf_counter()
     folder = Path(resolve_checkpoint(name))
-    model = load_model(str(folder), dtype=cfg.model.dtype, device=cfg.model.torch_device(),
+    model = (model_loader or load_model)(str(folder), dtype=cfg.model.dtype, device=cfg.model.torch_device(),
                        opts=cfg.model.precision_options())
     tokenizer = load_tokenizer(str(folder))
     return Loaded(model, tokenizer, folder if folder.is_dir() else None, time.perf_counter() - t0)
@@ -105,12 +107,13 @@ def sampling_params(gen: GenerationSection) -> SamplingParams:
                           top_p=gen.top_p, min_p=gen.min_p, repetition_penalty=gen.repetition_penalty)
 
 
-def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO | None = None) -> list[RowResult]:
+def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO | None = None,
+                   model_loader: Callable[..., Any] | None = None) -> list[RowResult]:
     """The whole `llamazoo generate`: text mode streams completions to `out` (stdout) and then prints the
     report; jsonl mode prints one record per prompt to `out` and the report to `err` (stderr)."""
     out, err = out or sys.stdout, err or sys.stderr
     gen = cfg.generation
-    loaded = load(cfg)
+    loaded = load(cfg, model_loader)
     model, tok = loaded.model, loaded.tokenizer
     max_seq_length = cfg.model.max_seq_length or model.config.max_position_embeddings
     prompt_ids = encode_prompts(gen, tok, max_seq_length)
