@@ -134,3 +134,13 @@ def test_trainer_loss_path_equals_full_logits_path():
     s2, w2 = loss_sums(model, batch, full_logits=True)
     torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-6)
     assert w1 == w2 and EOS == 2
+    # trimming all-padding trailing columns changes nothing
+    wide = torch.nn.functional.pad(ids, (0, 40)), torch.nn.functional.pad(types, (0, 40), value=2)
+    full = batch_inputs(*wide, prompt_loss_weight=0.3)
+    untrimmed = Batch(full["input_ids"], full["labels"], full["weights"], full["attention_mask"], None, len(ids))
+    trimmed = make_batch(*wide, T, torch.device("cpu"))
+    assert trimmed.input_ids.shape[1] == 32 and untrimmed.input_ids.shape[1] == 64
+    s3, w3 = loss_sums(model, untrimmed)
+    s4, w4 = loss_sums(model, trimmed)
+    torch.testing.assert_close(s3, s4, atol=1e-5, rtol=1e-6)
+    assert w3 == w4 == w1

@@ -108,7 +108,21 @@ def loss_sums(model: nn.Module, batch: Batch, full_logits: bool = False) -> tupl
     return (per_token * flat_w.index_select(0, keep)).sum(), flat_w.sum()
 
 
+TRIM_MULTIPLE = 32
+
+
+def trim_padding(ids: torch.Tensor, types: torch.Tensor, multiple: int = TRIM_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drops trailing columns that are padding in every row (rounded up to `multiple` to keep few
+    distinct shapes). Exact: with right padding and causal attention no kept position sees them,
+    and their loss weight is 0. Fine-tuning rows are often mostly padding, so this is a large saving."""
+    real = (types != 2).any(0).nonzero()
+    n = int(real[-1]) + 1 if len(real) else 1
+    n = min(ids.shape[1], -(-n // multiple) * multiple)
+    return ids[:, :n], types[:, :n]
+
+
 def make_batch(ids: torch.Tensor, types: torch.Tensor, t, device: torch.device) -> Batch:
+    ids, types = trim_padding(ids, types)
     b = batch_inputs(ids, types, prompt_loss_weight=t.prompt_loss_weight, article_attention=t.article_attention,
                      reset_position_ids=t.reset_position_ids)
     return Batch(input_ids=b["input_ids"].to(device), labels=b["labels"].to(device), weights=b["weights"].to(device),
@@ -338,6 +352,11 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None, progress: bool = Tr
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     interrupted = None
     params = [p for p in model.parameters() if p.requires_grad]
+    if evaluate_on and step == 0:  # the baseline, so that the first dev loss has something to compare with
+        dev_loss, n_tok = evaluate(model, ds, t, device, rank, world, hooks)
+        if metrics is not None:
+            ppl = metrics.eval(0, dev_loss, n_tok)
+            _log(f"before training: dev loss {dev_loss:.4f}, perplexity {ppl:.3f}", is_main)
     try:
         with _StopSignal() as stop:
             while step < total_steps:

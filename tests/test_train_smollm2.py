@@ -1,0 +1,27 @@
+"""The one real-model training test: `llamazoo prepare` on the dialogue example, then a short chat
+fine-tune of the embedded SmolLM2-135M-Instruct through the CLI; the dev loss must go down."""
+from __future__ import annotations
+
+import csv
+
+from llamazoo.cli import main as cli_main
+
+
+def test_prepare_then_finetune_default_smollm2_lowers_dev_loss(tmp_path, shared, default_model_dir, capsys):
+    data = tmp_path / "dialogue"
+    rc = cli_main(["prepare", "--input_path", str(shared / "data" / "gdp-examples" / "dialogue.jsonl"),
+                   "--output_path", str(data), "--max_seq_length", "256", "--input_packing_config",
+                   "single::truncate_right", "--num_training_splits", "2", "--num_dev_splits", "1",
+                   "--num_test_splits", "0", "--num_workers", "1", "--no_progress"])
+    assert rc == 0, capsys.readouterr().err
+    out = tmp_path / "out"
+    rc = cli_main(["train", "--no-progress", f"training.dataset={data}", "checkpoint.model_name_or_path=default",
+                   "model.max_seq_length=256", "model.device=cpu", "training.batch_size=2",
+                   "training.learning_rate=1e-4", "training.prompt_loss_weight=0.0", "training.end_early_at_step=12",
+                   f"training.output_dir={out}"])
+    assert rc == 0, capsys.readouterr().err
+    with (out / "eval_metrics.csv").open() as f:
+        evals = [(int(r["Step"]), float(r["Dev Loss"])) for r in csv.DictReader(f)]
+    assert evals[0][0] == 0 and evals[-1][0] == 12
+    assert evals[-1][1] < evals[0][1] - 0.05, evals
+    assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
