@@ -25,7 +25,7 @@ def overrides(base: Path, out: Path, per_worker_batch: int, *extra: str) -> list
     return [f"training.dataset={base / 'ds'}", f"checkpoint.config_name={base / 'c.json'}",
             f"training.output_dir={out}", "model.device=cpu", f"training.batch_size={per_worker_batch}",
             "training.learning_rate=1e-3", "training.max_grad_norm=0.5", "training.weight_decay=0.1",
-            f"training.end_early_at_step={STEPS}", "training.evaluate=false", *extra]
+            f"training.end_early_at_step={STEPS}", "training.evaluate=false", "training.save_every_steps=2", *extra]
 
 
 def step_losses(out: Path) -> list[float]:
@@ -101,3 +101,21 @@ def test_two_nodes_on_localhost_train_together(reference):
     for p, (so, se) in zip(nodes, results):
         assert p.returncode == 0, f"{so[-2000:]}\n{se[-4000:]}"
     assert_same_training(reference, out)
+
+
+def test_sharded_run_resumes_at_the_same_world_size_only(reference):
+    """FSDP 2 resumed from its step-2 checkpoint logs the uninterrupted run's losses for steps 3-4; one
+    process refuses that checkpoint with a clear error."""
+    ckpt = reference / "fsdp2" / "checkpoints" / "step_2"
+    if not ckpt.is_dir():
+        run_parallel(reference, "fsdp2", 2, 1, "fsdp")
+    out = reference / "fsdp2_resumed"
+    torchrun(2, ["-m", "llamazoo", "train", "--no-progress",
+                 *overrides(reference, out, GLOBAL_BATCH // 2, "parallel.data_parallel=fsdp",
+                            f"training.resume_from={ckpt}")], timeout=240)
+    ref = step_losses(reference / "ref")
+    assert max(abs(a - b) for a, b in zip(step_losses(out), ref[2:])) <= 1e-5
+    p = subprocess.run([sys.executable, "-m", "llamazoo", "train", "--no-progress",
+                        *overrides(reference, reference / "one_resumed", GLOBAL_BATCH, f"training.resume_from={ckpt}")],
+                       env=torchrun_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "2 data-parallel worker(s)" in p.stderr and "Traceback" not in p.stderr

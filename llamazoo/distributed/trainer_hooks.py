@@ -95,6 +95,7 @@ def parallel_training(cfg) -> Iterator[Any]:
     from llamazoo.distributed.mesh import env_world, init_parallel, shutdown
 
     _, world, _ = env_world()
+    check_resume_world(cfg, max(1, world // cfg.parallel.tensor_parallel))
     if world == 1 and cfg.parallel.tensor_parallel == 1:
         yield None
         return
@@ -103,3 +104,25 @@ def parallel_training(cfg) -> Iterator[Any]:
         yield training_hooks(ctx, cfg)
     finally:
         shutdown()
+
+
+def check_resume_world(cfg, dp_size: int) -> None:
+    """A checkpoint resumes only with the data-parallel size that wrote it.
+
+    The sampler cuts each epoch into global batches of batch_size x DP size, so another size would
+    silently train on other batches than the interrupted run would have.
+    """
+    import json
+    from pathlib import Path
+
+    from llamazoo.training.state import resolve_resume
+
+    path = resolve_resume(cfg.training.resume_from, Path(cfg.training.output_dir))
+    state = path / "train_state.json" if path is not None else None
+    if state is None or not state.is_file():
+        return
+    saved = int(json.loads(state.read_text()).get("dp_world_size", 1))
+    if saved != dp_size:
+        raise ValueError(f"training.resume_from: {path} was written by a run with {saved} data-parallel "
+                         f"worker(s) and this run has {dp_size}; resume with the same world size (torchrun "
+                         f"--nproc_per_node / --nnodes and parallel.tensor_parallel as before)")

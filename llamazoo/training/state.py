@@ -113,7 +113,8 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, state: dict[s
     opt_sd = io.optimizer_state_dict(model, optimizer)
     if not io.is_writer:
         io.barrier()
-        return None
+        # the same answer as the writer's, so every rank takes the same (collective) save decisions
+        return output_dir / "checkpoints" / f"step_{step}"
     root = output_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
