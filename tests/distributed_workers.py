@@ -24,11 +24,17 @@ from llamazoo.distributed.parallelize import (clip_grad_norm, full_tensor, load_
 from llamazoo.io.hf import load_model, save_sharded_model  # noqa: E402
 
 GLOBAL_BATCH, SEQ, STEPS, LR = 4, 16, 3, 1e-3
+# CI runs on CPU with gloo; benchmarks/gpu.sh reuses this worker on CUDA (nccl) with LLAMAZOO_TEST_DEVICE=cuda.
+DEVICE = os.environ.get("LLAMAZOO_TEST_DEVICE", "cpu")
 
 
 def batches(vocab: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(123)
-    return [torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g) for _ in range(STEPS)]
+    return [torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g).to(dev()) for _ in range(STEPS)]
+
+
+def dev() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if DEVICE == "cuda" else torch.device("cpu")
 
 
 def train_steps(model, ids_list, dp_rank: int, dp_size: int, parallel: bool, group=None) -> list[float]:
@@ -60,25 +66,25 @@ def max_weight_diff(model, ref) -> float:
     sd = unwrap(model).state_dict()
     diff = 0.0
     for name, t in ref.state_dict().items():
-        diff = max(diff, (full_tensor(sd[name]).detach() - t).abs().max().item())
+        diff = max(diff, (full_tensor(sd[name]).detach().to(t.device) - t).abs().max().item())
     return diff
 
 
 @torch.no_grad()
 def greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
     model.setup_cache(1, prompt.shape[1] + n)
-    logits = model(prompt, cache_pos=torch.arange(prompt.shape[1]))
+    logits = model(prompt, cache_pos=torch.arange(prompt.shape[1], device=prompt.device))
     out = []
     for i in range(n):
         tok = logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(tok))
-        logits = model(tok, cache_pos=torch.tensor([prompt.shape[1] + i]))
+        logits = model(tok, cache_pos=torch.tensor([prompt.shape[1] + i], device=prompt.device))
     model.clear_cache()
     return out
 
 
 def compare_training(ckpt: str, ctx, data_parallel: str) -> dict:
-    ref = load_model(ckpt)
+    ref = load_model(ckpt, device=dev())
     model = load_parallel_model(ckpt, ctx, data_parallel)
     ids_list = batches(ref.config.vocab_size)
     model.train()
@@ -91,10 +97,10 @@ def compare_training(ckpt: str, ctx, data_parallel: str) -> dict:
 def world2(out: Path, ckpt: str) -> dict:
     res: dict = {}
     # Tensor parallel 2: logits, greedy generation with a head-sharded KV cache, training, sharded save.
-    ctx = init_parallel(tensor_parallel=2, device="cpu")
-    ref = load_model(ckpt)
+    ctx = init_parallel(tensor_parallel=2, device=DEVICE)
+    ref = load_model(ckpt, device=dev())
     model = load_parallel_model(ckpt, ctx, "ddp")
-    ids = torch.randint(0, ref.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, ref.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0)).to(dev())
     with torch.no_grad():
         res["tp_logits_diff"] = (model(ids) - ref(ids)).abs().max().item()
     res["tp_local_kv_heads"] = unwrap(model).model.layers[0].self_attn.k_proj.weight.to_local().shape[0] // \
@@ -105,7 +111,7 @@ def world2(out: Path, ckpt: str) -> dict:
     r = compare_training(ckpt, ctx, "ddp")
     res["tp_train"] = {k: v for k, v in r.items() if k != "model"}
     # Data parallel 2 (same world, another mesh): DDP and FSDP2.
-    ctx = init_parallel(tensor_parallel=1, device="cpu")
+    ctx = init_parallel(tensor_parallel=1, device=DEVICE)
     for dp in ("ddp", "fsdp"):
         r = compare_training(ckpt, ctx, dp)
         res[f"{dp}_train"] = {k: v for k, v in r.items() if k != "model"}
@@ -126,13 +132,13 @@ def world2(out: Path, ckpt: str) -> dict:
 
 def world4(out: Path, ckpt: str) -> dict:
     # DP x TP = 2 x 2 with FSDP2 over the data-parallel dim: one training step and a sharded save.
-    ctx = init_parallel(tensor_parallel=2, device="cpu")
+    ctx = init_parallel(tensor_parallel=2, device=DEVICE)
     r = compare_training(ckpt, ctx, "fsdp")
     save_sharded_model(unwrap(r["model"]), out / "dp2tp2_saved", max_shard_size=60_000)
     res = {"dp2tp2_train": {k: v for k, v in r.items() if k != "model"},
            "dp_rank": ctx.dp_rank, "tp_rank": ctx.tp_rank}
     try:
-        init_parallel(tensor_parallel=2, device="cpu")
+        init_parallel(tensor_parallel=2, device=DEVICE)
         load_parallel_model(ckpt, ctx, "ddp")
         res["ddp_tp_error"] = None
     except ValueError as e:
