@@ -144,3 +144,45 @@ def test_trainer_loss_path_equals_full_logits_path():
     s4, w4 = loss_sums(model, trimmed)
     torch.testing.assert_close(s3, s4, atol=1e-5, rtol=1e-6)
     assert w3 == w4 == w1
+
+
+def test_single_article_rows_use_the_causal_fast_path_with_the_same_loss():
+    from llamazoo.data.masks import article_attention_mask, article_segments, single_article_rows
+    from llamazoo.training.trainer import loss_sums
+
+    model = random_model(named_config("tiny"), seed=0)
+    rng = np.random.default_rng(4)
+    rows = [pad_row(*article(rng, 3, int(n)), 24) for n in (5, 9, 20)]
+    ids, types = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+    b = batch_inputs(ids, types)
+    assert "attention_mask" not in b
+    seg, start = article_segments(labels_and_target_types(ids, types)[1])
+    explicit = Batch(b["input_ids"], b["labels"], b["weights"], article_attention_mask(seg), None, 3)
+    fast = Batch(b["input_ids"], b["labels"], b["weights"], None, None, 3)
+    torch.testing.assert_close(loss_sums(model, explicit)[0], loss_sums(model, fast)[0], atol=1e-5, rtol=1e-6)
+    two = pack([article(rng, 2, 4), article(rng, 2, 4)], 24)
+    t2 = torch.tensor([two[0][1]])
+    assert not single_article_rows(*article_segments(labels_and_target_types(t2, t2)[1]))
+    assert "attention_mask" in batch_inputs(torch.tensor([two[0][0]]), t2)
+
+
+def test_fused_head_cross_entropy_matches_autograd():
+    from llamazoo.training.loss import weighted_linear_cross_entropy
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        h = torch.randn(37, 16, dtype=dtype, requires_grad=True)
+        weight = torch.randn(50, 16, dtype=dtype, requires_grad=True)
+        labels, w = torch.randint(0, 50, (37,)), torch.rand(37)
+        fused = weighted_linear_cross_entropy(h, weight, labels, w, chunk=8)
+        (2 * fused).backward()
+        gh, gw = h.grad.clone(), weight.grad.clone()
+        h.grad = weight.grad = None
+        ref = (torch.nn.functional.cross_entropy((h @ weight.t()).float(), labels, reduction="none") * w).sum()
+        (2 * ref).backward()
+        torch.testing.assert_close(fused, ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(gh, h.grad, atol=tol, rtol=tol)
+        torch.testing.assert_close(gw, weight.grad, atol=tol, rtol=tol)
+        with torch.no_grad():
+            torch.testing.assert_close(weighted_linear_cross_entropy(h, weight, labels, w, chunk=8), ref.detach(),
+                                       atol=tol, rtol=tol)

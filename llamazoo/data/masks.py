@@ -72,6 +72,15 @@ def article_attention_mask(seg: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
+def single_article_rows(seg: torch.Tensor, start: torch.Tensor) -> bool:
+    """True when every row holds one segment from position 0 followed only by positions outside any
+    segment. Article attention then equals plain causal attention for every position with a loss
+    weight (the trailing ones attend only backwards, nothing attends to them, and their weight is 0),
+    so the model can take its is_causal fast path: the common case of `single::` packed fine-tuning."""
+    in_seg = seg != 0
+    return not bool(start[:, 1:].any()) and bool((in_seg[:, 1:] <= in_seg[:, :-1]).all())
+
+
 def article_position_ids(start: torch.Tensor) -> torch.Tensor:
     """Position ids restarting at 0 at each segment start (positions outside segments keep counting;
     nothing attends to them and their loss weight is 0)."""
@@ -86,7 +95,7 @@ def batch_inputs(input_ids: torch.Tensor, token_type_ids: torch.Tensor, prompt_l
     """Everything a training step needs from one batch of HDF5 rows.
 
     Returns input_ids, labels (-100 where ignored), weights (fp32), attention_mask (bool [B,1,T,T] or
-    absent for plain causal attention) and position_ids (absent unless reset per article).
+    absent when plain causal attention computes the same) and position_ids (absent unless reset per article).
     """
     input_ids = input_ids.long()
     token_type_ids = token_type_ids.long()
@@ -96,7 +105,7 @@ def batch_inputs(input_ids: torch.Tensor, token_type_ids: torch.Tensor, prompt_l
     out = {"input_ids": input_ids, "labels": labels, "weights": weights}
     if article_attention or reset_position_ids:
         seg, start = article_segments(target_types)
-        if article_attention:
+        if article_attention and not single_article_rows(seg, start):
             out["attention_mask"] = article_attention_mask(seg)
         if reset_position_ids:
             out["position_ids"] = article_position_ids(start)

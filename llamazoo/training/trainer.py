@@ -32,6 +32,7 @@ from torch import nn
 from llamazoo.config import TrainConfig
 from llamazoo.data.dataset import BatchSampler, PreparedDataset, eval_batches
 from llamazoo.data.masks import IGNORE_INDEX, batch_inputs
+from llamazoo.training.loss import weighted_linear_cross_entropy
 from llamazoo.training.optim import MasterWeights, build_optimizer, clip_grad_norm, scheduler_for
 from llamazoo.training.report import MetricsLog, perplexity, write_summary
 from llamazoo.training.state import CheckpointIO, load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
@@ -102,10 +103,13 @@ def loss_sums(model: nn.Module, batch: Batch, full_logits: bool = False) -> tupl
     core = unwrap(model)
     flat_w = weights.flatten()
     keep = flat_w.nonzero().squeeze(1)
-    h = hidden.flatten(0, 1).index_select(0, keep)
-    logits = core.lm_head(h.to(core.lm_head.weight.dtype)).float()
-    per_token = F.cross_entropy(logits, batch.labels.flatten().index_select(0, keep), reduction="none")
-    return (per_token * flat_w.index_select(0, keep)).sum(), flat_w.sum()
+    head = core.lm_head
+    h = hidden.flatten(0, 1).index_select(0, keep).to(head.weight.dtype)
+    labels, w = batch.labels.flatten().index_select(0, keep), flat_w.index_select(0, keep)
+    if type(head.weight).__name__ != "DTensor" and head.bias is None:
+        return weighted_linear_cross_entropy(h, head.weight, labels, w), flat_w.sum()
+    per_token = F.cross_entropy(head(h).float(), labels, reduction="none")  # a sharded head: through the module
+    return (per_token * w).sum(), flat_w.sum()
 
 
 TRIM_MULTIPLE = 32

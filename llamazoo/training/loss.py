@@ -1,0 +1,53 @@
+"""Weighted cross entropy fused with the LM head, computed in chunks of positions.
+
+The plain path materializes fp32 logits [N, V] and then as many again for log_softmax, its backward
+and the one-hot gradient. Here each chunk's logits are turned into their gradient in place
+(softmax - one-hot, times the loss weight) right away, and the gradients of the hidden states and
+the head weight are computed in the same pass; backward only scales them. Same three matmuls,
+a fraction of the memory traffic, and peak memory bounded by the chunk.
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in fp32)
+
+
+class _WeightedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, w: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, yc, wc = h[s:s + chunk], labels[s:s + chunk], w[s:s + chunk]
+            logits = (hc @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * wc).sum()
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -1.0))
+            g = probs.mul_(wc[:, None]).to(weight.dtype)
+            grad_h[s:s + chunk] = g @ weight
+            grad_w.addmm_(g.t().float(), hc.float())  # .float() is free on fp32
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
+
+
+def weighted_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                  w: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """sum_i w_i * CE(h_i @ weight^T, labels_i), logits in fp32; h [N,H], labels [N] (all valid), w [N]."""
+    chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    if not torch.is_grad_enabled() or not (h.requires_grad or weight.requires_grad):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            logits = (h[s:s + chunk] @ weight.t()).float()
+            ce = torch.nn.functional.cross_entropy(logits, labels[s:s + chunk], reduction="none")
+            total += (ce * w[s:s + chunk]).sum()
+        return total
+    return _WeightedLinearCrossEntropy.apply(h, weight, labels, w.float(), chunk)
