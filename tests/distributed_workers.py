@@ -115,8 +115,11 @@ def world2(out: Path, ckpt: str) -> dict:
     for dp in ("ddp", "fsdp"):
         r = compare_training(ckpt, ctx, dp)
         res[f"{dp}_train"] = {k: v for k, v in r.items() if k != "model"}
-        if dp == "fsdp":
-            save_sharded_model(unwrap(r["model"]), out / "fsdp_saved")
+        if dp == "fsdp":  # through the trainer-facing hook that publishes the final HF files
+            from llamazoo.distributed.trainer_hooks import make_checkpoint_io
+
+            (out / "fsdp_saved").mkdir(exist_ok=True)
+            make_checkpoint_io(ctx).publish_hf_folder(out / "fsdp_saved", unwrap(r["model"]))
     # A model whose KV heads do not divide by the TP size fails with the sizes named.
     try:
         from llamazoo.distributed.parallelize import check_tensor_parallel

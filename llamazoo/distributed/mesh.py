@@ -120,4 +120,7 @@ def init_parallel(tensor_parallel: int = 1, device: str | torch.device | None = 
 def shutdown() -> None:
     """Destroys the default process group, if this process made one (so torchrun exits cleanly)."""
     if dist.is_available() and dist.is_initialized():
+        # All ranks arrive before any tears down: a gloo peer that closes its connections while another
+        # still uses them makes that one abort ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()

@@ -57,6 +57,25 @@ def make_checkpoint_io(ctx: ParallelContext):
 
             set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))
 
+        def publish_hf_folder(self, output_dir, model: nn.Module, tokenizer=None) -> None:
+            """The run's final HF files in output_dir, written from sharded state (one tensor gathered at a
+            time; rank 0 never holds the whole model). For a trainer hook: call on every rank."""
+            import os
+            import shutil
+            from pathlib import Path
+
+            from llamazoo.io.hf import save_sharded_model
+
+            staging = Path(output_dir) / ".hf-staging"
+            if ctx.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            save_sharded_model(model, staging, tokenizer=tokenizer)
+            if ctx.is_main:
+                for f in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
+                    os.replace(f, Path(output_dir) / f.name)
+                staging.rmdir()
+            ctx.barrier()
+
     return ParallelCheckpointIO()
 
 
