@@ -81,6 +81,11 @@ def test_clear_errors(tmp_path, capsys):
         ([f"training.dataset={ds}", f"checkpoint.config_name={cfg}", "training.resume_from=/no/such"],
          ["training.resume_from", "not a training checkpoint"]),
     ]
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:  # optional dependency: when missing, asking for it is a clear error
+        cases.append(([f"training.dataset={ds}", f"checkpoint.config_name={cfg}", "training.tensorboard=true"],
+                      ["training.tensorboard", "not installed"]))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "metadata.yaml").write_text("max_seq_length: 32\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import math
 import os
 import shutil
@@ -254,6 +255,12 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None, progress: bool = Tr
     if cfg.model.dtype not in ("auto", {"fp32": "float32", "bf16": "bfloat16"}[t.dtype]):
         raise ValueError(f"model.dtype is {cfg.model.dtype} but training.dtype is {t.dtype}; set training.dtype "
                          "(fp32 or bf16) and leave model.dtype as auto")
+    if t.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError:
+            raise ValueError("training.tensorboard is true but the tensorboard package is not installed; "
+                             "`pip install tensorboard` or set training.tensorboard=false") from None
     rank, world = _dp_rank_world(hooks)
     is_main = hooks.checkpoint_io.is_writer and rank == 0
     output_dir = Path(t.output_dir)
