@@ -120,7 +120,12 @@ def init_parallel(tensor_parallel: int = 1, device: str | torch.device | None = 
 def shutdown() -> None:
     """Destroys the default process group, if this process made one (so torchrun exits cleanly)."""
     if dist.is_available() and dist.is_initialized():
-        # All ranks arrive before any tears down: a gloo peer that closes its connections while another
-        # still uses them makes that one abort ("terminate called without an active exception").
+        import gc
+
+        # Process groups left alive until interpreter teardown (held by dead models' DTensors and
+        # meshes) are destroyed in random order there, and a gloo one can abort the process ("terminate
+        # called without an active exception"). So: drop them now, all ranks together.
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
