@@ -98,7 +98,7 @@ def main() -> None:
             loss.backward()
             opt_hf.step()
             opt_hf.zero_grad(set_to_none=True)
-            return float(loss)
+            return float(loss.detach())
 
         times: dict[str, list[float]] = {"llamazoo": [], "transformers": []}
         first = {}
@@ -119,6 +119,8 @@ def main() -> None:
         row["ratio"] = row["llamazoo"] / row["transformers"]
         row["loss_diff"] = abs(first["llamazoo"] - first["transformers"])
         results.append(row)
+        print(f"{name}: llamazoo {row['llamazoo']:.1f} tok/s, transformers {row['transformers']:.1f} tok/s, "
+              f"{row['ratio']:.2f}x", flush=True)
         del ours, hf, opt_ours, opt_hf
 
     print(f"\nmodel {args.model}, batch {args.batch} x {args.seq}, rows {args.rows}, threads {torch.get_num_threads()}, "
