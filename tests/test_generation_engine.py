@@ -182,3 +182,25 @@ def test_batch_rows_and_sampling_seeded(tmp_path):
     top1 = engine.generate(prompts, 16, batch_size=3, seed=1,
                            params=SamplingParams(do_sample=True, top_k=1, temperature=0.7))
     assert [r.token_ids for r in top1] == [r.token_ids for r in greedy]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_projections_compute_the_same_logits(tmp_path, dtype):
+    from llamazoo.generation.packed import pack_for_inference, unpack
+
+    hf_tiny_model(max_position_embeddings=256, num_key_value_heads=2, attention_bias=True).save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype=dtype)
+    ids = torch.tensor(random_prompts([9, 9], 256, seed=5))
+    names = sorted(model.state_dict())
+    with torch.inference_mode():
+        ref = model(ids)
+        assert pack_for_inference(model)
+        got = model(ids)
+        unpack(model)
+        again = model(ids)
+    assert sorted(model.state_dict()) == names  # parameters untouched
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, ref)
+    else:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, ref)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +181,19 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token over the cache (decode), as SDPA computes it: scores and softmax in
+    fp32, probabilities in v's dtype for P.V. Two small matmuls instead of SDPA's blocked CPU kernel,
+    which costs ~10x more at one query. q [B,H,1,D], k/v [B,Hkv,S,D], mask bool [B,1,1,S]."""
+    B, H, T, D = q.shape
+    n_kv = k.shape[1]
+    qg = q.reshape(B, n_kv, H // n_kv * T, D)  # query heads grouped by the kv head they read
+    scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * D**-0.5
+    scores = torch.where(mask, scores, float("-inf"))
+    y = torch.matmul(scores.softmax(-1).to(v.dtype), v)
+    return y.reshape(B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, opts: PrecisionOptions):
         super().__init__()
@@ -192,13 +205,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.mixedp_attn = opts.mixedp_attn
         self.kv_cache: KVCache | None = None
+        # Inference only: a callable x -> (q, k, v) computing the three projections in one matmul
+        # (set by llamazoo.generation.packed; not a module, so names and state_dict are unchanged).
+        self.fused_qkv: Callable | None = None
 
     def forward(self, x, cos, sin, mask, cache_pos):
         B, T, _ = x.shape
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # -1 rather than the configured head count, so a tensor-parallel shard runs unchanged.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
@@ -206,9 +226,12 @@ class Attention(nn.Module):
         dtype = q.dtype
         if not self.mixedp_attn and dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1]
-        )
+        if T == 1 and mask is not None and mask.dtype == torch.bool:
+            y = one_query_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1]
+            )
         y = y.to(dtype).transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y)
 
@@ -220,9 +243,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.fused_gate_up: Callable | None = None  # inference only: x -> (gate, up) in one matmul
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
