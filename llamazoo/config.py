@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class Section(BaseModel):
@@ -214,6 +214,11 @@ class GenerationSection(Section):
     output_format: Literal["text", "jsonl"] = "text"
     stream: bool = True
     compile: bool = False
+
+    @field_validator("prompts", "stop", mode="before")
+    @classmethod
+    def _one_string_is_a_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
 
 class GenerateConfig(Section):

@@ -178,3 +178,32 @@ def test_report_arithmetic():
     assert "Total latency: 3.7000 s" in text and "row" in text
     one = RowResult([1], token_ids=[7], time_to_first_token=0.1, total_time=0.1)
     assert "Latency per token excluding the first: n/a" in Report([one], {}).format_text()
+
+
+def test_ctrl_c_ends_the_answer_not_the_session(tiny_folder):
+    from llamazoo.generation.chat import ChatSession
+    from llamazoo.generation.engine import Engine
+    from llamazoo.generation.sampling import SamplingParams
+    from llamazoo.io.hf import load_model
+    from llamazoo.io.tokenizer import load_tokenizer
+
+    engine = Engine(load_model(tiny_folder), load_tokenizer(tiny_folder), max_seq_length=128)
+    s = ChatSession(engine, SamplingParams(), 30, [])
+    pieces = []
+
+    def impatient(text: str) -> None:
+        pieces.append(text)
+        if len(pieces) == 3:
+            raise KeyboardInterrupt
+
+    row = s.reply("tell me a story", impatient)
+    assert row.stop_reason == "interrupted" and row.num_tokens < 30
+    assert s.history[-1] == {"role": "assistant", "content": row.text}
+    assert s.reply("go on").stop_reason == "length"  # the session goes on
+
+
+def test_a_single_prompt_string_is_accepted():
+    from llamazoo.config import GenerateConfig, load_config
+
+    cfg = load_config(GenerateConfig, None, ["generation.prompts=Hello there", "generation.stop=END"])
+    assert cfg.generation.prompts == ["Hello there"] and cfg.generation.stop == ["END"]

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from llamazoo.generation.packed import pack_for_inference
+from llamazoo.generation.packed import pack_for_inference, unpack
 from llamazoo.generation.sampling import SamplingParams, choose_tokens
 
 # tokens of context kept before the new ones when detokenizing, so SentencePiece's leading space and
@@ -123,8 +123,11 @@ class Engine:
     def __init__(self, model, tokenizer, compile: bool = False, compile_mode: str | None = None,
                  cache_multiple: int = 64, max_seq_length: int | None = None, pack: bool = True):
         self.model = model
-        # CPU: fused, prepacked projections (see packed.py); False where it does not apply
-        self.packed = pack and pack_for_inference(model)
+        # CPU: fused, prepacked projections (see packed.py); False where it does not apply. Not with
+        # compile: inductor cannot lower the packed ops, and with freezing it packs the weights itself.
+        if compile and getattr(model, "packed_for_inference", False):
+            unpack(model)
+        self.packed = pack and not compile and pack_for_inference(model)
         self.tok = tokenizer
         self.device = model.lm_head.weight.device
         self.compile = compile
@@ -133,6 +136,10 @@ class Engine:
         self._cache_shape: tuple[int, int] | None = None
         self._decode = self._step
         if compile:
+            import torch._inductor.config as inductor_config
+
+            # weights become constants of the compiled step, so inductor can prepack them (CPU)
+            inductor_config.freezing = True
             self._decode = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
 
     # -- model calls ------------------------------------------------------------------------------
