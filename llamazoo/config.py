@@ -214,6 +214,7 @@ class GenerationSection(Section):
     output_format: Literal["text", "jsonl"] = "text"
     stream: bool = True
     compile: bool = False
+    threads: int | None = Field(None, ge=1, description="CPU threads; None: the cores other jobs leave idle")
 
     @field_validator("prompts", "stop", mode="before")
     @classmethod

@@ -28,6 +28,22 @@ class Loaded:
     load_s: float
 
 
+def pick_threads(requested: int | None) -> int:
+    """CPU threads for torch: as asked, else the cores that the 1-minute load average leaves idle (at
+    least 1). A parallel region waits for its slowest thread, so on a busy machine a thread that is not
+    scheduled stalls every matmul: there one thread runs several times faster than two."""
+    import os
+
+    if requested:
+        return requested
+    cores = torch.get_num_threads()
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
 def load(cfg: GenerateConfig, model_loader: Callable[..., Any] | None = None) -> Loaded:
     """Model and tokenizer as the config says (weights from checkpoint.model_name_or_path or the default).
 
@@ -36,6 +52,8 @@ def load(cfg: GenerateConfig, model_loader: Callable[..., Any] | None = None) ->
     from llamazoo.io.hf import load_model
     from llamazoo.io.tokenizer import load_tokenizer
 
+    if cfg.model.torch_device() == "cpu":
+        torch.set_num_threads(pick_threads(cfg.generation.threads))
     if cfg.checkpoint.config_name:
         raise ValueError("checkpoint.config_name (random weights) cannot generate text; set "
                          "checkpoint.model_name_or_path to a checkpoint folder (or leave it unset for the default)")
