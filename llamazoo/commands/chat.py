@@ -9,6 +9,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from llamazoo.config import GenerateConfig, allowed_keys
+
+    parser.epilog = "keys: " + ", ".join(allowed_keys(GenerateConfig))
     parser.add_argument("--config", metavar="FILE", help="YAML file with checkpoint/model/generation sections")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="e.g. generation.system='You are terse.' generation.do_sample=true "
