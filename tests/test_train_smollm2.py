@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 
+import torch
+
 from llamazoo.cli import main as cli_main
 
 
@@ -15,10 +17,16 @@ def test_prepare_then_finetune_default_smollm2_lowers_dev_loss(tmp_path, shared,
                    "--num_test_splits", "0", "--num_workers", "1", "--no_progress"])
     assert rc == 0, capsys.readouterr().err
     out = tmp_path / "out"
-    rc = cli_main(["train", "--no-progress", f"training.dataset={data}", "checkpoint.model_name_or_path=default",
-                   "model.max_seq_length=256", "model.device=cpu", "training.batch_size=2",
-                   "training.learning_rate=1e-4", "training.prompt_loss_weight=0.0", "training.end_early_at_step=12",
-                   f"training.output_dir={out}"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two spinning threads on a busy shared 2-core machine run many times slower
+    try:
+        rc = cli_main(["train", "--no-progress", f"training.dataset={data}", "checkpoint.model_name_or_path=default",
+                       "model.max_seq_length=256", "model.device=cpu", "training.batch_size=2",
+                       "training.learning_rate=1e-4", "training.prompt_loss_weight=0.0",
+                       "training.end_early_at_step=12",
+                       f"training.output_dir={out}"])
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0, capsys.readouterr().err
     with (out / "eval_metrics.csv").open() as f:
         evals = [(int(r["Step"]), float(r["Dev Loss"])) for r in csv.DictReader(f)]
