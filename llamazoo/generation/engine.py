@@ -152,9 +152,13 @@ class Engine:
     def _ensure_cache(self, batch: int, length: int) -> int:
         m = self.cache_multiple
         length = min(-(-length // m) * m, max(length, self.max_seq_length))
-        if self._cache_shape != (batch, length) or not self.model.cache_len:
-            self.model.setup_cache(batch, length)
-            self._cache_shape = (batch, length)
+        if self._cache_shape and self.model.cache_len:
+            b, have = self._cache_shape
+            # keep a cache that is big enough and not wasteful: no reallocation, no recompile
+            if b == batch and length <= have < 2 * length + m:
+                return have
+        self.model.setup_cache(batch, length)
+        self._cache_shape = (batch, length)
         return length
 
     def warmup(self, batch: int, prompt_len: int, max_new_tokens: int) -> float:
