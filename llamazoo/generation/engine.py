@@ -216,7 +216,9 @@ class Engine:
         try:
             cache_pos = torch.arange(P, device=dev)
             pos = (cache_pos[None, :] - pad[:, None]).clamp(min=0)
-            mask = (valid[:, None, :] & (slots[None, None, :] <= cache_pos[None, :, None]))[:, None]
+            # masks cover only the slots written so far (the model then reads just those); the compiled
+            # decode step gets full-width masks so that its shapes never change
+            mask = (valid[:, None, :P] & (slots[None, None, :P] <= cache_pos[None, :, None]))[:, None]
             logits = self._step(ids, pos, mask, cache_pos)
             lens_t = torch.tensor(lens, device=dev)
             for step in range(max_new_tokens):
@@ -250,7 +252,10 @@ class Engine:
                 cur = P + step
                 cache_pos = torch.tensor([cur], device=dev)
                 pos = (lens_t + step)[:, None]
-                mask = (valid & (slots <= cur)[None, :])[:, None, None, :]
+                if self.compile:
+                    mask = (valid & (slots <= cur)[None, :])[:, None, None, :]
+                else:
+                    mask = valid[:, None, None, :cur + 1]
                 logits = self._decode(nxt[:, None], pos, mask, cache_pos)
         except KeyboardInterrupt:
             if not catch_interrupt:

@@ -223,6 +223,8 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
+            if mask is not None and mask.shape[-1] < k.shape[2]:  # a narrower mask covers the first slots
+                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         dtype = q.dtype
         if not self.mixedp_attn and dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()
