@@ -154,8 +154,9 @@ class Engine:
         length = min(-(-length // m) * m, max(length, self.max_seq_length))
         if self._cache_shape and self.model.cache_len:
             b, have = self._cache_shape
-            # keep a cache that is big enough and not wasteful: no reallocation, no recompile
-            if b == batch and length <= have < 2 * length + m:
+            # keep a cache that is big enough: no reallocation, no recompile; eager steps read only the
+            # slots in use (narrow masks), so a larger cache costs memory, not time
+            if b == batch and length <= have:
                 return have
         self.model.setup_cache(batch, length)
         self._cache_shape = (batch, length)
