@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)
 
-from llamazoo.distributed.mesh import init_parallel, shutdown  # noqa: E402
+from llamazoo.distributed.mesh import exit_process, init_parallel  # noqa: E402
 from llamazoo.distributed.parallelize import (clip_grad_norm, full_tensor, load_parallel_model,  # noqa: E402
                                               unwrap)
 from llamazoo.io.hf import load_model, save_sharded_model  # noqa: E402
@@ -154,7 +154,7 @@ def main() -> None:
     res = {"world4": world4, "world2": world2}[scenario](out, ckpt)
     rank = int(os.environ["RANK"])
     (out / f"{scenario}-rank{rank}.json").write_text(json.dumps(res))
-    shutdown()
+    exit_process(0)  # leaves the world on every rank and ends without interpreter teardown (see there)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ for torch.distributed.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -71,6 +73,9 @@ class ParallelContext:
         return float(t)
 
 
+_joined_world = False  # init_parallel joined a torchrun world of several processes (see exit_process)
+
+
 def env_world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as torchrun sets them; (0, 1, 0) without a launcher."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
@@ -106,6 +111,8 @@ def init_parallel(tensor_parallel: int = 1, device: str | torch.device | None = 
                           tp_size=tp, device=dev)
     if world == 1:
         return ctx
+    global _joined_world
+    _joined_world = True
     if not dist.is_initialized():  # a second call (another layout in the same world) reuses the group
         dist.init_process_group(backend=default_backend(dev.type), timeout=timedelta(seconds=timeout_s),
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
@@ -118,14 +125,40 @@ def init_parallel(tensor_parallel: int = 1, device: str | torch.device | None = 
 
 
 def shutdown() -> None:
-    """Destroys the default process group, if this process made one (so torchrun exits cleanly)."""
+    """Leaves the torchrun world, if this process joined one: all ranks wait for each other (no collective
+    is left unmatched), then the process groups are destroyed. Call it on every rank."""
     if dist.is_available() and dist.is_initialized():
-        import gc
-
-        # Process groups left alive until interpreter teardown (held by dead models' DTensors and
-        # meshes) are destroyed in random order there, and a gloo one can abort the process ("terminate
-        # called without an active exception"). So: drop them now, all ranks together.
-        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
-        gc.collect()
+
+
+def exit_process(code: int | None = 0) -> NoReturn:
+    """Ends the process with exit status `code`; for the entry points torchrun runs (`python -m llamazoo`).
+
+    Without a torchrun world this is `sys.exit(code)`. Otherwise: leave the world (`shutdown`), do what an
+    exit does (gc, atexit handlers, flush stdout/stderr), then `os._exit(code)`, skipping interpreter
+    finalization. Why: a gloo worker thread drops its reference to a finished collective (and its tensors,
+    whose Python objects need the GIL) only after the caller saw it complete; if that falls into
+    finalization, Python kills the thread taking the GIL and C++ aborts the process ("terminate called
+    without an active exception", SIGABRT) with all work done. Destroying the groups does not join those
+    threads, since torch keeps the groups alive until then (DTensor sharding caches -> meshes ->
+    `_pg_registry`; `torch.distributed.nn.functional` default arguments); a barrier or gc only narrows it.
+    """
+    shutdown()
+    if not _joined_world:
+        sys.exit(code)
+    import atexit
+    import gc
+
+    status = 0 if code is None else int(code)
+    try:
+        gc.collect()  # finalizers of garbage in cycles (e.g. files closed, so written out)
+        atexit._run_exitfuncs()  # logging.shutdown, weakref.finalize(atexit=True), ...
+    finally:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):  # closed or broken pipe: nothing left to save
+                pass
+        os._exit(status)
