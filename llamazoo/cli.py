@@ -72,5 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The console script and `python -m llamazoo`: a torchrun rank ends through the distributed exit path
+    (see llamazoo.distributed.mesh.exit_process); anything else exits normally. torch is not imported here."""
+    code = main()
+    if "llamazoo.distributed.mesh" in sys.modules:
+        from llamazoo.distributed.mesh import exit_process
+
+        exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
