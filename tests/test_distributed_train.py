@@ -4,6 +4,7 @@ batch (per-step losses and final weights, fp32 on CPU with gloo); two torchrun i
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 import uuid
@@ -58,9 +59,9 @@ def run_parallel(base: Path, name: str, nproc: int, tp: int, dp_kind: str) -> Pa
     return out
 
 
-def assert_same_training(base: Path, out: Path) -> None:
-    ref, got = step_losses(base / "ref"), step_losses(out)
-    assert len(got) == len(ref) == STEPS
+def assert_same_training(base: Path, out: Path, steps: slice = slice(None)) -> None:
+    ref, got = step_losses(base / "ref")[steps], step_losses(out)
+    assert len(got) == len(ref)
     assert max(abs(a - b) for a, b in zip(ref, got)) <= 1e-5, (ref, got)
     w_ref, w_got = weights(base / "ref"), weights(out)
     assert w_ref.keys() == w_got.keys()
@@ -114,8 +115,31 @@ def test_sharded_run_resumes_at_the_same_world_size_only(reference):
                  *overrides(reference, out, GLOBAL_BATCH // 2, "parallel.data_parallel=fsdp",
                             f"training.resume_from={ckpt}")], timeout=240)
     ref = step_losses(reference / "ref")
-    assert max(abs(a - b) for a, b in zip(step_losses(out), ref[2:])) <= 1e-5
+    resumed = step_losses(out)
+    assert len(resumed) == 2 and max(abs(a - b) for a, b in zip(resumed, ref[2:])) <= 1e-5
+    # torch.distributed.checkpoint shards, written atomically: no HF weights gathered, no temp folder left
+    assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
+    assert not list(ckpt.parent.glob(".tmp-*"))
+    assert_same_training(reference, out, steps=slice(2, None))
     p = subprocess.run([sys.executable, "-m", "llamazoo", "train", "--no-progress",
                         *overrides(reference, reference / "one_resumed", GLOBAL_BATCH, f"training.resume_from={ckpt}")],
                        env=torchrun_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "2 data-parallel worker(s)" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_tensor_parallel_bf16_resumes_exactly(reference):
+    """TP 2 in bf16: the fp32 master weights are DTensor shards, saved with the model and optimizer by
+    torch.distributed.checkpoint; resumed from step 2, steps 3-4 and the final weights are bit-identical
+    to the uninterrupted run's."""
+    full, resumed = reference / "tp2_bf16", reference / "tp2_bf16_resumed"
+    args = ("parallel.tensor_parallel=2", "training.dtype=bf16")
+    torchrun(2, ["-m", "llamazoo", "train", "--no-progress", *overrides(reference, full, GLOBAL_BATCH, *args)],
+             timeout=240)
+    ckpt = full / "checkpoints" / "step_2"
+    assert json.loads((ckpt / "train_state.json").read_text())["master_weights_saved"] is True
+    torchrun(2, ["-m", "llamazoo", "train", "--no-progress",
+                 *overrides(reference, resumed, GLOBAL_BATCH, *args, f"training.resume_from={ckpt}")], timeout=240)
+    assert step_losses(resumed) == step_losses(full)[2:]
+    w_full, w_resumed = weights(full), weights(resumed)
+    assert all(torch.equal(w_full[k], w_resumed[k]) for k in w_full)
+    assert w_full["model.embed_tokens.weight"].dtype == torch.bfloat16

@@ -2,8 +2,9 @@
 
 The trainer stays single-process code: it asks the hooks to wrap the model, for its data-parallel
 rank and group (the sampler takes rank's part of every global batch), and for state dicts. Here those
-answers come from the DP x TP mesh: the DP group is one mesh dimension, rank 0 of the world is the only
-writer, and sharded (DTensor) weights and optimizer states are gathered one tensor at a time.
+answers come from the DP x TP mesh: the DP group is one mesh dimension, rank 0 of the world writes the
+logs and summary, training checkpoints are torch.distributed.checkpoint shards written by every rank,
+and the final HF folder is gathered from sharded (DTensor) weights one tensor at a time.
 
 (This module imports the trainer's hook types lazily: the trainer is the layer above.)
 """
@@ -19,43 +20,21 @@ from llamazoo.distributed.mesh import ParallelContext
 from llamazoo.distributed.parallelize import parallelize
 
 
-def _is_dtensor(t: Any) -> bool:
-    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
-
-
-def _has_dtensors(model: nn.Module) -> bool:
-    return any(_is_dtensor(p) for p in model.parameters())
-
-
 def make_checkpoint_io(ctx: ParallelContext):
-    """A CheckpointIO whose state dicts are whole tensors on rank 0 (and empty elsewhere)."""
+    """A CheckpointIO for a parallel world: training checkpoints with torch.distributed.checkpoint (every
+    rank writes its shards), the final HF folder gathered one tensor at a time, rank 0 the only writer
+    of everything else. `model_state_dict` gives whole tensors on rank 0 (empty elsewhere)."""
     from llamazoo.training.state import CheckpointIO
 
     class ParallelCheckpointIO(CheckpointIO):
         is_writer = ctx.is_main
+        sharded = ctx.distributed
 
         def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
             from llamazoo.io.hf import iter_full_tensors
 
             sd = {name: t for name, t in iter_full_tensors(model) if t is not None}
             return sd if ctx.is_main else {}
-
-        def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-            if not _has_dtensors(model):
-                return optimizer.state_dict() if ctx.is_main else {}
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            return get_optimizer_state_dict(model, optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-        def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                                      sd: dict[str, Any]) -> None:
-            if not _has_dtensors(model):
-                optimizer.load_state_dict(sd)
-                return
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))
 
         def publish_hf_folder(self, output_dir, model: nn.Module, tokenizer=None) -> None:
             """The run's final HF files in output_dir, written from sharded state (one tensor gathered at a
@@ -114,7 +93,7 @@ def parallel_training(cfg) -> Iterator[Any]:
     from llamazoo.distributed.mesh import env_world, init_parallel, shutdown
 
     _, world, _ = env_world()
-    check_resume_world(cfg, max(1, world // cfg.parallel.tensor_parallel))
+    check_resume_world(cfg, max(1, world // cfg.parallel.tensor_parallel), world)
     if world == 1 and cfg.parallel.tensor_parallel == 1:
         yield None
         return
@@ -125,11 +104,12 @@ def parallel_training(cfg) -> Iterator[Any]:
         shutdown()
 
 
-def check_resume_world(cfg, dp_size: int) -> None:
-    """A checkpoint resumes only with the data-parallel size that wrote it.
+def check_resume_world(cfg, dp_size: int, world_size: int | None = None) -> None:
+    """A checkpoint resumes only with the data-parallel size and world size that wrote it.
 
-    The sampler cuts each epoch into global batches of batch_size x DP size, so another size would
-    silently train on other batches than the interrupted run would have.
+    The sampler cuts each epoch into global batches of batch_size x DP size, so another DP size would
+    silently train on other batches than the interrupted run would have; and a parallel checkpoint's
+    torch.distributed.checkpoint shards are laid out for its world (DP x TP).
     """
     import json
     from pathlib import Path
@@ -140,8 +120,14 @@ def check_resume_world(cfg, dp_size: int) -> None:
     state = path / "train_state.json" if path is not None else None
     if state is None or not state.is_file():
         return
-    saved = int(json.loads(state.read_text()).get("dp_world_size", 1))
-    if saved != dp_size:
+    info = json.loads(state.read_text())
+    saved = int(info.get("dp_world_size", 1))
+    saved_world = int(info.get("world_size", saved))
+    saved_tp = int(info.get("tensor_parallel", max(1, saved_world // saved)))
+    world_size = dp_size if world_size is None else world_size
+    tp = max(1, world_size // dp_size)
+    if saved != dp_size or saved_world != world_size or saved_tp != tp:
         raise ValueError(f"training.resume_from: {path} was written by a run with {saved} data-parallel "
-                         f"worker(s) and this run has {dp_size}; resume with the same world size (torchrun "
+                         f"worker(s) x tensor_parallel {saved_tp} ({saved_world} process(es)) and this run has "
+                         f"{dp_size} x {tp} ({world_size}); resume with the same world size and layout (torchrun "
                          f"--nproc_per_node / --nnodes and parallel.tensor_parallel as before)")

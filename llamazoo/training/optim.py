@@ -52,8 +52,11 @@ class MasterWeights:
     the updated weights copied back down after it."""
 
     def __init__(self, model: nn.Module):
-        self.model_params = [p for p in model.parameters() if p.requires_grad]
-        self.master = [p.detach().float().clone().requires_grad_(True) for p in self.model_params]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.model_params = [p for _, p in named]
+        # Parameters (DTensors under tensor parallel, shaped like the model's own shards)
+        self.master = [nn.Parameter(p.detach().float().clone()) for p in self.model_params]
+        self.module = _mirror([n for n, _ in named], self.master)
 
     def grads_to_master(self) -> None:
         for p, m in zip(self.model_params, self.master):
@@ -75,6 +78,22 @@ class MasterWeights:
         for m, t in zip(self.master, tensors):
             m.copy_(t)
         self.master_to_model()
+
+
+def _mirror(names: list[str], params: list[nn.Parameter]) -> nn.Module:
+    """A module holding `params` under the model's parameter names, so that name-keyed state dicts
+    (torch.distributed.checkpoint's get_state_dict) address the master weights and their optimizer
+    state exactly as they would the model's."""
+    root = nn.Module()
+    for name, p in zip(names, params):
+        *path, leaf = name.split(".")
+        m = root
+        for part in path:
+            if not hasattr(m, part):
+                m.add_module(part, nn.Module())
+            m = getattr(m, part)
+        m.register_parameter(leaf, p)
+    return root
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, master: MasterWeights | None = None,

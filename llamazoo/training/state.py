@@ -6,6 +6,11 @@ HF folder (config.json + model.safetensors, so any checkpoint can be loaded by t
 `train_state.json`. It is written into a hidden temporary folder and renamed into place, so a run
 killed while saving leaves the previous checkpoint untouched and no half-written one that looks valid.
 
+A parallel run (`CheckpointIO.sharded`) writes the same folder layout, but the model, optimizer and
+fp32 master weights go into `dcp/` with torch.distributed.checkpoint: every rank writes its own shards
+in parallel (no rank gathers the model) into a temporary folder that rank 0 renames into place once
+all ranks have finished. Such a checkpoint resumes only at the same world size and layout.
+
 How state dicts are gathered and who writes is in `CheckpointIO`, so that data/tensor parallel code
 can substitute sharded or gathered versions without touching the loop.
 """
@@ -44,10 +49,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointIO:
-    """Single-process defaults; a parallel setup overrides these (e.g. full state dicts gathered to
-    rank 0 with torch.distributed.checkpoint.state_dict) and sets `is_writer` on one rank only."""
+    """Single-process defaults; a parallel setup overrides these and sets `is_writer` on one rank
+    only and `sharded` (training checkpoints through torch.distributed.checkpoint) on all."""
 
     is_writer: bool = True
+    sharded: bool = False
+
+    def publish_hf_folder(self, output_dir: Path, model: nn.Module, tokenizer=None) -> None:
+        """Writes the run's HF checkpoint files into output_dir itself (so `from_pretrained(output_dir)`
+        works), staged in a hidden folder and moved file by file, leaving the run's other outputs in
+        place. Parallel versions write from sharded state; call it on every rank."""
+        from llamazoo.io.hf import save_state_dict_folder
+
+        output_dir = Path(output_dir)
+        staging = output_dir / ".hf-staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_state_dict_folder(self.model_state_dict(model), model.config, staging, tokenizer=tokenizer)
+        for f in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
+            os.replace(f, output_dir / f.name)
+        staging.rmdir()
 
     def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         sd = {k: v.detach() for k, v in model.state_dict().items()}
@@ -105,10 +125,16 @@ def resolve_resume(resume_from: str | None, output_dir: Path) -> Path | None:
 
 
 def save_checkpoint(output_dir: Path, step: int, model: nn.Module, state: dict[str, Any], io: CheckpointIO,
-                    optimizer: torch.optim.Optimizer, keep_last: int, tokenizer=None) -> Path | None:
-    """Writes checkpoints/step_{step} atomically and prunes all but the newest `keep_last`."""
+                    optimizer: torch.optim.Optimizer, keep_last: int, tokenizer=None, master=None) -> Path | None:
+    """Writes checkpoints/step_{step} atomically and prunes all but the newest `keep_last`.
+
+    `master`: the run's `MasterWeights` (bf16) or None."""
     from safetensors.torch import save_file
 
+    if io.sharded:
+        return save_sharded_checkpoint(output_dir, step, model, state, io, optimizer, keep_last, tokenizer, master)
+    if master is not None:
+        state = {**state, "master_weights": master.state_dict()}
     sd = io.model_state_dict(model)
     opt_sd = io.optimizer_state_dict(model, optimizer)
     if not io.is_writer:
@@ -127,29 +153,128 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, state: dict[s
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
-        torch.save({**state, "optimizer": opt_sd, "rng": rng_state()}, tmp / "train_state.pt")
-        readable = {k: v for k, v in state.items() if isinstance(v, (int, float, str, dict, list, type(None)))
-                    and k not in ("scheduler", "master_weights")}
-        (tmp / "train_state.json").write_text(json.dumps(readable, indent=2, default=str) + "\n")
+        _write_train_state(tmp, {**state, "optimizer": opt_sd})
         for f in tmp.iterdir():
             _fsync(f)
-        if final.exists():  # a re-save of the same step (e.g. after resuming): replace it
-            old = root / f".old-step_{step}-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old.path, ignore_errors=True)
-    for stale in root.glob(".tmp-step_*"):  # left by a run killed while saving
-        if stale != tmp:
-            shutil.rmtree(stale, ignore_errors=True)
+    _prune(output_dir, keep_last, tmp)
     io.barrier()
     return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    if final.exists():  # a re-save of the same step (e.g. after resuming): replace it
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def _prune(output_dir: Path, keep_last: int, current: Path) -> None:
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old.path, ignore_errors=True)
+    for stale in (output_dir / "checkpoints").glob(".tmp-step_*"):  # left by a run killed while saving
+        if stale != current:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_train_state(folder: Path, state: dict[str, Any]) -> None:
+    torch.save({**state, "rng": rng_state()}, folder / "train_state.pt")
+    readable = {k: v for k, v in state.items() if isinstance(v, (int, float, str, dict, list, type(None)))
+                and k not in ("scheduler", "master_weights", "optimizer")}
+    (folder / "train_state.json").write_text(json.dumps(readable, indent=2, default=str) + "\n")
+
+
+# -- parallel runs: torch.distributed.checkpoint ------------------------------------------------------------
+DCP_DIR = "dcp"
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (Path(path) / DCP_DIR / ".metadata").is_file()
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, master) -> dict[str, Any]:
+    """{"model": ..., "optim": ...[, "master": ...]} as DCP saves and loads them (DTensor shards stay
+    sharded). With fp32 master weights the optimizer's parameters are the masters, so its state is keyed
+    through `master.module`, which mirrors the model's parameter names with the master tensors."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if master is None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+    master_sd, optim_sd = get_state_dict(master.module, optimizer)
+    return {"model": get_model_state_dict(model), "optim": optim_sd, "master": master_sd}
+
+
+def save_sharded_checkpoint(output_dir: Path, step: int, model: nn.Module, state: dict[str, Any], io: CheckpointIO,
+                            optimizer: torch.optim.Optimizer, keep_last: int, tokenizer=None, master=None) -> Path:
+    """A parallel run's checkpoint; every rank calls it. Each rank writes its shards into rank 0's
+    temporary folder; rank 0 adds the small state files and renames the folder once all are done."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    root = output_dir / "checkpoints"
+    final = root / f"step_{step}"
+    box: list[Any] = [None]
+    if io.is_writer:
+        root.mkdir(parents=True, exist_ok=True)
+        box[0] = tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=root)
+    dist.broadcast_object_list(box, src=0)
+    tmp = Path(box[0])
+    error: BaseException | None = None
+    try:
+        # collective; returns on every rank after rank 0 wrote .metadata, i.e. after all shards exist
+        dcp.save(_dcp_state(model, optimizer, master), checkpoint_id=str(tmp / DCP_DIR))
+        if io.is_writer:
+            if hasattr(model, "config"):
+                (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2) + "\n")
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            _write_train_state(tmp, {**state, "format": "dcp", "master_weights_saved": master is not None})
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    _fsync(f)
+            _move_into_place(tmp, final)
+            _prune(output_dir, keep_last, tmp)
+    except BaseException as e:
+        error = e
+    ok = [error is None]
+    dist.broadcast_object_list(ok, src=0)  # every rank learns whether the checkpoint now exists
+    if error is not None:
+        if io.is_writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise error
+    if not ok[0]:
+        raise RuntimeError(f"rank 0 failed to write the checkpoint {final}")
+    return final
+
+
+def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            master=None) -> dict[str, Any]:
+    """Loads a parallel checkpoint into the parallelized model, its optimizer and master weights (each
+    rank reads its own shards); returns the training state (step, sampler, scheduler, RNG)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    path = Path(path)
+    train_state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+    if bool(train_state.get("master_weights_saved")) != (master is not None):
+        saved, now = ("bf16", "fp32") if train_state.get("master_weights_saved") else ("fp32", "bf16")
+        raise ValueError(f"training.resume_from: {path} was written by a training.dtype={saved} run and this run "
+                         f"is {now}; resume with the interrupted run's training.dtype")
+    state = _dcp_state(model, optimizer, master)
+    dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    if master is None:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        set_state_dict(master.module, optimizer, model_state_dict=state["master"], optim_state_dict=state["optim"])
+        set_model_state_dict(model, state["model"])
+    return train_state
 
 
 def _fsync(path: Path) -> None:
@@ -168,6 +293,11 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     from safetensors.torch import load_file
 
     weights = path / "model.safetensors"
+    if is_sharded_checkpoint(path):
+        saved = json.loads((path / "train_state.json").read_text())
+        raise ValueError(f"training.resume_from: {path} was written by a parallel run of "
+                         f"{saved.get('world_size', '?')} processes (torch.distributed.checkpoint shards in "
+                         f"{DCP_DIR}/); resume it with torchrun at the same world size and layout")
     if not weights.is_file():
         raise FileNotFoundError(f"{path}: training checkpoint has no model.safetensors")
     state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)

@@ -16,8 +16,6 @@ import contextlib
 import functools
 import importlib
 import math
-import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -36,7 +34,8 @@ from llamazoo.data.masks import IGNORE_INDEX, batch_inputs
 from llamazoo.training.loss import weighted_linear_cross_entropy
 from llamazoo.training.optim import MasterWeights, build_optimizer, clip_grad_norm, scheduler_for
 from llamazoo.training.report import MetricsLog, perplexity, write_summary
-from llamazoo.training.state import CheckpointIO, load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
+from llamazoo.training.state import (CheckpointIO, is_sharded_checkpoint, load_checkpoint, load_sharded_checkpoint,
+                                     resolve_resume, save_checkpoint, set_rng_state)
 
 
 class TrainingError(RuntimeError):
@@ -143,6 +142,18 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile each decoder layer (training.compile).
+
+    The layers share one code object, so the 30 layers of SmolLM2 cost one compilation (about half a
+    minute on 2 CPU cores) and the graph is reused with each layer's parameters as inputs. What it buys
+    is fusion of the memory-bound elementwise work around the matmuls (RMSNorm, RoPE, SiLU*up,
+    residual adds) in forward and backward; the matmuls and attention stay the same kernels, and the
+    losses equal eager's to float rounding. The LM head and loss stay eager (a custom fused kernel)."""
+    for layer in unwrap(model).model.layers:
+        layer.compile()
+
+
 def _all_reduce_sum(t: torch.Tensor, group: Any) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=group)
@@ -200,19 +211,6 @@ def _micro_context(model: nn.Module, last: bool) -> ContextManager:
     return contextlib.nullcontext()
 
 
-def publish_hf_folder(output_dir: Path, model: nn.Module, sd: dict[str, torch.Tensor], tokenizer) -> None:
-    """Writes the HF checkpoint files into output_dir itself (so `from_pretrained(output_dir)` works),
-    staged in a hidden folder and moved file by file, leaving the run's other outputs in place."""
-    from llamazoo.io.hf import save_state_dict_folder
-
-    staging = output_dir / ".hf-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_state_dict_folder(sd, unwrap(model).config, staging, tokenizer=tokenizer)
-    for f in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
-        os.replace(f, output_dir / f.name)
-    staging.rmdir()
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: PreparedDataset, t, device: torch.device, rank: int, world: int,
              hooks: TrainHooks) -> tuple[float, int]:
@@ -262,6 +260,8 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None, progress: bool = Tr
             raise ValueError("training.tensorboard is true but the tensorboard package is not installed; "
                              "`pip install tensorboard` or set training.tensorboard=false") from None
     rank, world = _dp_rank_world(hooks)
+    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world_size = torch.distributed.get_world_size() if dist_on else 1  # all processes: DP x TP
     is_main = hooks.checkpoint_io.is_writer and rank == 0
     output_dir = Path(t.output_dir)
     check_output_dir(output_dir)
@@ -303,9 +303,14 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None, progress: bool = Tr
 
     resume_path = resolve_resume(t.resume_from, output_dir)
     train_state: dict[str, Any] = {}
-    if resume_path is not None:
+    io = hooks.checkpoint_io
+    sharded_resume = resume_path is not None and io.sharded
+    if sharded_resume and not is_sharded_checkpoint(resume_path):
+        raise ValueError(f"training.resume_from: {resume_path} was written by a single-process run; a parallel run "
+                         f"resumes only from its own (torch.distributed.checkpoint) checkpoints at the same world size")
+    if resume_path is not None and not sharded_resume:
         sd, train_state = load_checkpoint(resume_path)
-        hooks.checkpoint_io.load_model_state_dict(model, sd)
+        io.load_model_state_dict(model, sd)
         del sd
         _log(f"resuming from {resume_path} (step {train_state['step']})", is_main)
     elif t.resume_from == "auto":
@@ -318,19 +323,22 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None, progress: bool = Tr
     if hooks.parallelize is not None:
         model = hooks.parallelize(model, cfg)
     if t.compile:
-        for layer in unwrap(model).model.layers:
-            layer.compile()
+        compile_layers(model)
 
     master = MasterWeights(core) if weights_dtype != torch.float32 else None
     optimizer = build_optimizer(core if hooks.parallelize is None else model, t.learning_rate, t.weight_decay, master)
     scheduler = scheduler_for(optimizer, t.lr_schedule, t.learning_rate, t.min_lr, t.warmup_steps, total_steps)
     step, tokens_seen, train_seconds = 0, 0, 0.0
-    if train_state:
-        hooks.checkpoint_io.load_optimizer_state_dict(model, optimizer, train_state["optimizer"])
-        scheduler.load_state_dict(train_state["scheduler"])
-        sampler.load_state_dict(train_state["sampler"])
+    if sharded_resume:  # after parallelizing: every rank reads its own shards
+        train_state = load_sharded_checkpoint(resume_path, core, optimizer, master)
+        _log(f"resuming from {resume_path} (step {train_state['step']})", is_main)
+    elif train_state:
+        io.load_optimizer_state_dict(model, optimizer, train_state["optimizer"])
         if master is not None:
             master.load_state_dict(train_state["master_weights"])
+    if train_state:
+        scheduler.load_state_dict(train_state["scheduler"])
+        sampler.load_state_dict(train_state["sampler"])
         set_rng_state(train_state["rng"])
         step, tokens_seen, train_seconds = train_state["step"], train_state["tokens_seen"], train_state["train_seconds"]
 
@@ -344,12 +352,11 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None, progress: bool = Tr
     def state_now() -> dict[str, Any]:
         return {"step": step, "total_steps": total_steps, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
                 "sampler": sampler.state_dict(), "scheduler": scheduler.state_dict(),
-                "master_weights": master.state_dict() if master is not None else None,
-                "dp_world_size": world}
+                "dp_world_size": world, "world_size": world_size, "tensor_parallel": world_size // world}
 
     def checkpoint_now() -> Path | None:
-        return save_checkpoint(output_dir, step, core, state_now(), hooks.checkpoint_io, optimizer,
-                               t.keep_last_checkpoints, tokenizer)
+        return save_checkpoint(output_dir, step, core, state_now(), io, optimizer, t.keep_last_checkpoints,
+                               tokenizer, master)
 
     last_ckpt: Path | None = resume_path
     dev_loss: float | None = None
@@ -452,9 +459,8 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None, progress: bool = Tr
             _log(f"dev loss {dev_loss:.4f}, perplexity {ppl:.3f}", is_main)
     if t.save_every_steps and (last_ckpt is None or not str(last_ckpt).endswith(f"step_{step}")):
         last_ckpt = checkpoint_now() or last_ckpt
-    sd = hooks.checkpoint_io.model_state_dict(core)
+    io.publish_hf_folder(output_dir, core, tokenizer)  # every rank: a parallel IO gathers one tensor at a time
     if is_main:
-        publish_hf_folder(output_dir, core, sd, tokenizer)
         fields = {
             "Number of epochs": t.num_epochs,
             "Per worker batch size": t.batch_size,
