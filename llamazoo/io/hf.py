@@ -208,37 +208,12 @@ def save_state_dict_folder(sd: dict[str, torch.Tensor], cfg: LlamaConfig, out_di
     try:
         sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
         dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
-        hf_cfg = cfg.to_hf()
-        hf_cfg["torch_dtype"] = dtype_name(dtype)
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
-        shards = _shards(sd, max_shard_size)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in sd.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if tokenizer is not None:
-            if isinstance(tokenizer, (str, os.PathLike)):
-                from llamazoo.io.tokenizer import load_tokenizer
-
-                tokenizer = load_tokenizer(tokenizer)
-            tokenizer.save(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        parts = []
+        for i, shard in enumerate(_shards(sd, max_shard_size)):
+            save_file(shard, str(tmp / f"part-{i:05d}.safetensors"), metadata={"format": "pt"})
+            parts.append(list(shard))
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        _finish_folder(tmp, out, cfg, parts, total, dtype, tokenizer, extra_files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -384,7 +359,7 @@ def save_sharded_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, toke
                 error = e
         if rank == 0 and error is None:
             flush()
-            _finish_sharded_folder(tmp, out, model.config, files, total, dtype or torch.float32, tokenizer)
+            _finish_folder(tmp, out, model.config, files, total, dtype or torch.float32, tokenizer)
     except BaseException as e:
         error = error or e
     if rank == 0 and error is not None and tmp is not None:
@@ -399,13 +374,25 @@ def save_sharded_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, toke
     return out
 
 
-def _finish_sharded_folder(tmp: Path, out: Path, cfg: LlamaConfig, files: list[list[str]], total: int,
-                           dtype: torch.dtype, tokenizer) -> None:
-    """Names the parts as HF does (one model.safetensors, or model-0000i-of-0000n + an index), writes
-    config, generation config and tokenizer, and moves the folder into place."""
-    n = len(files)
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Moves a complete temporary folder to `out` by rename, replacing an existing folder there."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _finish_folder(tmp: Path, out: Path, cfg: LlamaConfig, parts: list[list[str]], total: int,
+                   dtype: torch.dtype, tokenizer, extra_files: dict[str, str] | None = None) -> None:
+    """Names the weight parts (part-0000i.safetensors, holding the tensors named in parts[i]) as HF does
+    (one model.safetensors, or model-0000i-of-0000n + an index), writes config, generation config,
+    tokenizer and extra files, and moves the folder into place."""
+    n = len(parts)
     weight_map = {}
-    for i, names in enumerate(files, 1):
+    for i, names in enumerate(parts, 1):
         final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
         (tmp / f"part-{i - 1:05d}.safetensors").rename(tmp / final)
         weight_map.update({k: final for k in names})
@@ -422,10 +409,6 @@ def _finish_sharded_folder(tmp: Path, out: Path, cfg: LlamaConfig, files: list[l
 
             tokenizer = load_tokenizer(tokenizer)
         tokenizer.save(tmp)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    replace_folder(tmp, out)

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from llamazoo.io.hf import replace_folder
+
 CHECKPOINT_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -156,23 +158,13 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, state: dict[s
         _write_train_state(tmp, {**state, "optimizer": opt_sd})
         for f in tmp.iterdir():
             _fsync(f)
-        _move_into_place(tmp, final)
+        replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _prune(output_dir, keep_last, tmp)
     io.barrier()
     return final
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    if final.exists():  # a re-save of the same step (e.g. after resuming): replace it
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 def _prune(output_dir: Path, keep_last: int, current: Path) -> None:
@@ -239,7 +231,7 @@ def save_sharded_checkpoint(output_dir: Path, step: int, model: nn.Module, state
             for f in tmp.rglob("*"):
                 if f.is_file():
                     _fsync(f)
-            _move_into_place(tmp, final)
+            replace_folder(tmp, final)
             _prune(output_dir, keep_last, tmp)
     except BaseException as e:
         error = e
