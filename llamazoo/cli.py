@@ -31,6 +31,16 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError, KeyError, FileExistsErr
                PermissionError, IsADirectoryError)
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, schema, sections: str, example: str) -> None:
+    """The arguments of every config-driven app: `--config FILE` and `section.key=value` overrides,
+    with the schema's keys listed in --help."""
+    from llamazoo.config import allowed_keys
+
+    parser.epilog = "keys: " + ", ".join(allowed_keys(schema))
+    parser.add_argument("--config", metavar="FILE", help=f"YAML file with {sections} sections")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help=f"e.g. {example}")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Only the chosen subcommand's module is imported: startup stays fast and one app's import
     problem cannot break the others."""

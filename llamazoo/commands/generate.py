@@ -8,13 +8,12 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from llamazoo.config import GenerateConfig, allowed_keys
+    from llamazoo.cli import add_config_arguments
+    from llamazoo.config import GenerateConfig
 
-    parser.epilog = "keys: " + ", ".join(allowed_keys(GenerateConfig))
-    parser.add_argument("--config", metavar="FILE", help="YAML file with checkpoint/model/generation sections")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="e.g. generation.max_new_tokens=64 'generation.prompts=[\"a\",\"b\"]' "
-                             "generation.do_sample=true generation.output_format=jsonl")
+    add_config_arguments(parser, GenerateConfig, "checkpoint/model/generation",
+                         "generation.max_new_tokens=64 'generation.prompts=[\"a\",\"b\"]' "
+                         "generation.do_sample=true generation.output_format=jsonl")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,9 +9,11 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with model/checkpoint/training sections")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="e.g. training.dataset=data/ training.batch_size=4 checkpoint.model_name_or_path=default")
+    from llamazoo.cli import add_config_arguments
+    from llamazoo.config import TrainConfig
+
+    add_config_arguments(p, TrainConfig, "model/checkpoint/training/parallel",
+                         "training.dataset=data/ training.batch_size=4 checkpoint.model_name_or_path=default")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
