@@ -54,3 +54,12 @@ def default_model_dir() -> Path:
 def shared() -> Path:
     assert SHARED.is_dir(), f"shared folder not found at {SHARED} (set LLAMAZOO_SHARED)"
     return SHARED
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared machine spinning threads cost a lot."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

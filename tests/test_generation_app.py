@@ -14,12 +14,7 @@ from llamazoo.generation.engine import RowResult
 from llamazoo.generation.report import Report, aggregate_metrics, row_metrics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

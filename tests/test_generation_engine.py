@@ -13,13 +13,7 @@ from llamazoo.io.hf import load_model
 NEW = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared machine spinning threads cost a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 VARIANTS = {
     "mha": {},
     "gqa": dict(num_key_value_heads=2),
