@@ -50,17 +50,19 @@ def ours_run(engine, ids: torch.Tensor, new: int) -> None:
     assert all(r.num_tokens == new for r in rows)
 
 
-def measure(run, ids: torch.Tensor, clock, repeats: int) -> tuple[float, float]:
-    """(prefill s, decode s): prefill = a run making 1 token, decode = a 128-token run minus that.
-    The same for both libraries, so neither is timed by its own instrumentation."""
-    def timed(new: int) -> float:
-        t = clock()
-        run(ids, new)
-        return clock() - t
-
-    pre = min(timed(1) for _ in range(repeats))
-    full = min(timed(NEW_TOKENS) for _ in range(repeats))
-    return pre, max(full - pre, 1e-9)
+def measure(runs: dict, ids: torch.Tensor, clock, repeats: int) -> dict[str, tuple[float, float]]:
+    """name -> (prefill s, decode s): prefill = a run making 1 token, decode = a 128-token run minus
+    that (best of `repeats`). The same for every implementation, so none is timed by its own
+    instrumentation; the implementations take turns, so that load from elsewhere hits all alike."""
+    pre: dict[str, list[float]] = {name: [] for name in runs}
+    full: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for new, out in ((1, pre), (NEW_TOKENS, full)):
+            for name, run in runs.items():
+                t = clock()
+                run(ids, new)
+                out[name].append(clock() - t)
+    return {name: (min(pre[name]), max(min(full[name]) - min(pre[name]), 1e-9)) for name in runs}
 
 
 def main() -> None:
@@ -69,7 +71,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time llamazoo with generation.compile=true")
     ap.add_argument("--quick", action="store_true", help="batch 1, prompt 32 only")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per cell at batch 1 (best is kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell at batch 1 (best is kept)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with the process CPU clock instead of the wall clock: with --threads 1 it "
@@ -103,21 +105,18 @@ def main() -> None:
             ids = prompts_of(batch, plen, ours.config.vocab_size)
             repeats = args.repeats if batch == 1 else 1
             row = {"dtype": dtype_name, "batch": batch, "prompt": plen}
-            hf_run(hf, ids[:, :8], 4)  # warm-up (allocator, oneDNN primitives)
-            runs = {"transformers": measure(lambda i, n: hf_run(hf, i, n), ids, clock, repeats)}
-            for name, eng in engines.items():
-                ours_run(eng, ids[:, :8], 4)
-                runs[name] = measure(lambda i, n: ours_run(eng, i, n), ids, clock, repeats)
-            if args.compile:
-                from llamazoo.generation.packed import unpack
-
-                unpack(ours)  # inductor packs the weights itself (freezing)
-                ceng = Engine(ours, None, compile=True, pack=False)
+            eng = engines["llamazoo"]
+            contenders = {"transformers": lambda i, n: hf_run(hf, i, n), "llamazoo": lambda i, n: ours_run(eng, i, n)}
+            if args.compile and batch == 1:  # on CPU, compile=true changes batch-1 decode only
+                if "compiled" not in engines:
+                    engines["compiled"] = Engine(ours, None, compile=True)
+                contenders["compiled"] = lambda i, n: ours_run(engines["compiled"], i, n)
+            for name, run in contenders.items():  # warm-up (allocator, oneDNN primitives, compile)
                 t = time.perf_counter()
-                ours_run(ceng, ids, NEW_TOKENS)  # compiles for this batch and cache length
-                row["compile_s"] = time.perf_counter() - t
-                runs["compiled"] = measure(lambda i, n: ours_run(ceng, i, n), ids, clock, repeats)
-                engines["llamazoo"] = Engine(ours, None)
+                run(ids, NEW_TOKENS if name == "compiled" else 4)
+                if name == "compiled":
+                    row["compile_s"] = time.perf_counter() - t
+            runs = measure(contenders, ids, clock, repeats)
             for name, (pre, dec) in runs.items():
                 row[f"{name}_prefill_tps"] = batch * plen / pre
                 row[f"{name}_decode_tps"] = batch * (NEW_TOKENS - 1) / dec
@@ -144,7 +143,7 @@ def print_row(row: dict, names: list[str], bw: float) -> None:
             s += f" [{row[f'{n}_weight_gbps']:.1f} GB/s = {100 * row[f'{n}_weight_gbps'] / bw:.0f}% of copy]"
         parts.append(s)
     if "compile_s" in row:
-        parts.append(f"compile {row['compile_s']:.0f}s")
+        parts.append(f"first compiled run {row['compile_s']:.0f}s")
     print(" | ".join(parts), flush=True)
 
 

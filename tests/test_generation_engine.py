@@ -201,11 +201,21 @@ def test_packed_projections_compute_the_same_logits(tmp_path, dtype):
 
 
 def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
-    hf_tiny_model(max_position_embeddings=256, num_key_value_heads=2).save_pretrained(tmp_path)
-    prompts = random_prompts([5, 9], 256, seed=6)
+    """compile=true: batch-1 decode runs the compiled layer step (multiply-reduce projections and
+    attention) and gives eager's tokens; a longer prompt (new cache length) recompiles and still agrees;
+    a batch of 2 takes the eager packed step on CPU."""
+    hf_tiny_model(max_position_embeddings=256, num_key_value_heads=2, attention_bias=True).save_pretrained(tmp_path)
+    prompts = random_prompts([5, 9, 80], 256, seed=6)
     eager = Engine(load_model(tmp_path), tokenizer=None, pack=False)
     compiled = Engine(load_model(tmp_path), tokenizer=None, compile=True)
-    ref = [r.token_ids for r in eager.generate_batch(prompts, 12)]
-    assert [r.token_ids for r in compiled.generate_batch(prompts, 12)] == ref
-    # a second run reuses the cache (and the compiled step): the KV cache is not frozen into it
-    assert [r.token_ids for r in compiled.generate_batch(prompts, 10)] == [t[:10] for t in ref]
+    assert compiled.uses_compiled_step(1) and not compiled.uses_compiled_step(2)
+    layer_calls = []
+    compiled_layer = compiled._compiled_layer
+    compiled._compiled_layer = lambda *a: layer_calls.append(1) or compiled_layer(*a)
+    for p in prompts:  # 5 and 9 share a 64-slot cache; 80 needs 128 slots
+        ref = eager.generate_batch([p], 12)[0].token_ids
+        assert compiled.generate_batch([p], 12)[0].token_ids == ref
+    assert len(layer_calls) == 3 * 11 * 2  # 11 decode steps x 2 layers per prompt
+    ref = [r.token_ids for r in eager.generate_batch(prompts[:2], 10)]
+    assert [r.token_ids for r in compiled.generate_batch(prompts[:2], 10)] == ref
+    assert len(layer_calls) == 3 * 11 * 2

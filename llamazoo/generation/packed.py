@@ -5,10 +5,11 @@ Why: at batch 1 a decode step is bound by reading the weights. Stock bf16 `F.lin
 the weight on every call (slow), and separate q/k/v and gate/up calls multiply per-call overhead.
 bf16 results are bit-identical to `F.linear`; fp32 results differ in summation order (~1e-6 relative).
 
-The model keeps its parameters (names, state_dict and training are untouched); packing installs
-per-instance forwards and the `fused_qkv` / `fused_gate_up` hooks of `llamazoo.model.llama`, and
-`unpack` removes them. The packed copies cost one more copy of the linear weights in memory, so
-`pack_for_inference` declines when that does not fit comfortably.
+The model keeps its parameters (names, state_dict and training are untouched); packing sets the
+`packed` attribute of linear layers and the `fused_qkv` / `fused_gate_up` hooks that
+`llamazoo.model.llama` uses in eager mode, and `unpack` removes them. The packed copies cost one more
+copy of the linear weights in memory, so `pack_for_inference` declines when that does not fit
+comfortably.
 """
 from __future__ import annotations
 
@@ -85,8 +86,8 @@ def pack_for_inference(model: nn.Module) -> bool:
         m.fused_gate_up = PackedLinear(torch.cat([p.weight for p in gu]), _cat_bias(gu),
                                        [p.out_features for p in gu])
         for lin in (a.o_proj, m.down_proj):
-            lin.forward = PackedLinear(lin.weight, lin.bias)
-    model.lm_head.forward = PackedLinear(model.lm_head.weight, model.lm_head.bias)
+            lin.packed = PackedLinear(lin.weight, lin.bias)
+    model.lm_head.packed = PackedLinear(model.lm_head.weight, model.lm_head.bias)
     model.packed_for_inference = True
     return True
 
@@ -94,8 +95,8 @@ def pack_for_inference(model: nn.Module) -> bool:
 def unpack(model: nn.Module) -> None:
     """Back to the plain modules (e.g. before training or saving the weights again)."""
     for mod in model.modules():
-        if "forward" in mod.__dict__:
-            del mod.forward
+        if "packed" in mod.__dict__:
+            del mod.packed
         if hasattr(mod, "fused_qkv"):
             mod.fused_qkv = None
         if hasattr(mod, "fused_gate_up"):

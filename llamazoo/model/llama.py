@@ -147,6 +147,26 @@ def rope_inv_freq(cfg: LlamaConfig, seq_len: int | None = None) -> torch.Tensor:
     return inv_freq
 
 
+def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+    """`lin(x)`, with two inference fast paths.
+
+    Eager: `lin.packed` when set (llamazoo.generation.packed: a prepacked oneDNN weight; not a module, so
+    names and state_dict are unchanged). Under torch.compile, one row on CPU (batch-1 decode) is a
+    multiply-reduce: inductor fuses it into one pass over the weight at close to memory bandwidth, ~1.5x
+    the extern matrix-vector call `F.linear` becomes. Both accumulate in fp32, like the GEMMs.
+    """
+    if torch.compiler.is_compiling():
+        w = lin.weight
+        if x.numel() == x.shape[-1] and w.device.type == "cpu" and not hasattr(w, "placements"):
+            y = (x.unsqueeze(-2).float() * w.float()).sum(-1)
+            if lin.bias is not None:
+                y = y + lin.bias.float()
+            return y.to(x.dtype)
+        return lin(x)
+    packed = lin.__dict__.get("packed")
+    return packed(x) if packed is not None else lin(x)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -188,9 +208,15 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     B, H, T, D = q.shape
     n_kv = k.shape[1]
     qg = q.reshape(B, n_kv, H // n_kv * T, D)  # query heads grouped by the kv head they read
-    scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * D**-0.5
-    scores = torch.where(mask, scores, float("-inf"))
-    y = torch.matmul(scores.softmax(-1).to(v.dtype), v)
+    if torch.compiler.is_compiling():  # multiply-reduce: inductor fuses these, no extern bmm calls
+        scores = (qg.float()[:, :, :, None] * k.float()[:, :, None]).sum(-1) * D**-0.5
+    else:
+        scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * D**-0.5
+    probs = torch.where(mask, scores, float("-inf")).softmax(-1).to(v.dtype)
+    if torch.compiler.is_compiling():
+        y = (probs.float()[..., None] * v.float()[:, :, None]).sum(-2).to(v.dtype)
+    else:
+        y = torch.matmul(probs, v)
     return y.reshape(B, H, T, D)
 
 
@@ -205,16 +231,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.mixedp_attn = opts.mixedp_attn
         self.kv_cache: KVCache | None = None
-        # Inference only: a callable x -> (q, k, v) computing the three projections in one matmul
+        # Eager inference only: a callable x -> (q, k, v) computing the three projections in one matmul
         # (set by llamazoo.generation.packed; not a module, so names and state_dict are unchanged).
         self.fused_qkv: Callable | None = None
 
     def forward(self, x, cos, sin, mask, cache_pos):
         B, T, _ = x.shape
-        if self.fused_qkv is not None:
+        if self.fused_qkv is not None and not torch.compiler.is_compiling():
             q, k, v = self.fused_qkv(x)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = linear(x, self.q_proj), linear(x, self.k_proj), linear(x, self.v_proj)
         # -1 rather than the configured head count, so a tensor-parallel shard runs unchanged.
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -223,8 +249,9 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
-            if mask is not None and mask.shape[-1] < k.shape[2]:  # a narrower mask covers the first slots
-                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
+            width = T if mask is None else mask.shape[-1]  # no mask here: a causal prefill from slot 0
+            if width < k.shape[2]:  # a narrower mask covers the first slots
+                k, v = k[:, :, :width], v[:, :, :width]
         dtype = q.dtype
         if not self.mixedp_attn and dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()
@@ -235,7 +262,7 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1]
             )
         y = y.to(dtype).transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(y)
+        return linear(y, self.o_proj)
 
 
 class MLP(nn.Module):
@@ -248,11 +275,11 @@ class MLP(nn.Module):
         self.fused_gate_up: Callable | None = None  # inference only: x -> (gate, up) in one matmul
 
     def forward(self, x):
-        if self.fused_gate_up is not None:
+        if self.fused_gate_up is not None and not torch.compiler.is_compiling():
             gate, up = self.fused_gate_up(x)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            gate, up = linear(x, self.gate_proj), linear(x, self.up_proj)
+        return linear(F.silu(gate) * up, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -282,7 +309,9 @@ class LlamaForCausalLM(nn.Module):
 
     position_ids [B,T] default to 0..T-1 (offset by the cache position when a cache is set up);
     attention_mask is boolean (True = may attend), [B,1,T,S] or broadcastable, S being T or, with a
-    KV cache, the cache length. Without a mask the model is causal.
+    KV cache, the cache length. Without a mask the model is causal (with a cache: cache_pos holds
+    consecutive slots). run_layer(layer, h, cos, sin, mask, cache_pos), when given, calls each decoder
+    layer (the generation engine passes a compiled one).
     """
 
     def __init__(self, cfg: LlamaConfig, opts: PrecisionOptions | None = None):
@@ -332,12 +361,16 @@ class LlamaForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache_pos: torch.Tensor | None = None,
         return_hidden: bool = False,
+        run_layer: Callable | None = None,
     ) -> torch.Tensor:
         B, T = input_ids.shape
         if self.cache_len:
             if cache_pos is None:
                 raise ValueError("cache_pos is required once a KV cache is set up")
-            if attention_mask is None:  # causal over the cache slots
+            # No mask: causal. A prefill into an empty cache (slots 0..T-1) keeps no mask, so that SDPA
+            # takes its causal path over the T new keys (it skips the masked half); anything else gets
+            # an explicit mask over the cache slots.
+            if attention_mask is None and not (T > 1 and int(cache_pos[0]) == 0):
                 slots = torch.arange(self.cache_len, device=input_ids.device)
                 attention_mask = (slots[None, :] <= cache_pos[:, None])[None, None]
             if position_ids is None:
@@ -353,11 +386,14 @@ class LlamaForCausalLM(nn.Module):
             h = h.float()
         cos, sin = self.rope(position_ids, dtype)
         for layer in self.model.layers:
-            h = layer(h, cos, sin, attention_mask, cache_pos)
+            if run_layer is None:
+                h = layer(h, cos, sin, attention_mask, cache_pos)
+            else:
+                h = run_layer(layer, h, cos, sin, attention_mask, cache_pos)
         h = self.model.norm(h)
         if return_hidden:
             return h
-        logits = self.lm_head(h.to(dtype))
+        logits = linear(h.to(dtype), self.lm_head)
         return logits.float() if self.opts.fp32_logits else logits
 
 
