@@ -13,7 +13,7 @@ each is a warm-up; for "llamazoo (compile)" (training.compile=true: each decoder
 torch.compile) its excess over the median is the compile time.
 
 Run:  python benchmarks/train_vs_hf.py [--model default] [--batch 4] [--seq 256] [--steps 5]
-      [--dtypes fp32,bf16] [--rows dense|chat] [--threads N] [--no-compile] [--cpu-time]
+      [--dtypes fp32,bf16] [--rows dense|chat] [--threads N] [--no-compile] [--cpu-time] [--floor]
 
 --rows dense: every row one full-length article (no padding: nothing for llamazoo to skip);
 --rows chat: rows of single::-packed dialogue-like lengths (mostly padding), as in chat fine-tuning.
@@ -112,6 +112,40 @@ def hf_step(folder: str, dtype: torch.dtype, ids: torch.Tensor, types: torch.Ten
     return step
 
 
+def kernel_floor(cfg, batch: int, seq: int, clock, repeats: int = 3) -> float:
+    """Seconds per step of only the step's big kernels, each timed alone at the step's shapes: the three
+    GEMMs (forward, grad input, grad weight) of every projection and of the LM head, and SDPA's causal
+    forward + backward. No implementation can be faster than this without changing the arithmetic."""
+    import torch.nn.functional as F
+
+    n = batch * seq
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    projections = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = clock()
+            fn()
+            times.append(clock() - t)
+        return min(times)
+
+    def gemms(out_f: int, in_f: int) -> float:
+        x, w, gy = torch.randn(n, in_f), torch.randn(out_f, in_f), torch.randn(n, out_f)
+        return best(lambda: x @ w.t()) + best(lambda: gy @ w) + best(lambda: gy.t() @ x)
+
+    layer = sum(gemms(o, k) for o, k in projections)
+    qt = torch.randn(batch, cfg.num_attention_heads, seq, d, requires_grad=True)
+    kt = torch.randn(batch, cfg.num_key_value_heads, seq, d, requires_grad=True)
+    vt = torch.randn(batch, cfg.num_key_value_heads, seq, d, requires_grad=True)
+    go = torch.randn(batch, cfg.num_attention_heads, seq, d)
+    attn = best(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
+                                                       enable_gqa=kv != q).backward(go))
+    return cfg.num_hidden_layers * (layer + attn) + gemms(cfg.vocab_size, h)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default")
@@ -124,6 +158,8 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the llamazoo (compile) row")
     ap.add_argument("--cpu-time", action="store_true", help="process CPU time instead of wall time")
     ap.add_argument("--verbose", action="store_true", help="print every step's time")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the step's GEMMs and attention kernels alone (the fp32 lower bound)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,7 +172,8 @@ def main() -> None:
     import json
     from pathlib import Path
 
-    vocab = LlamaConfig.from_hf(json.loads((Path(folder) / "config.json").read_text())).vocab_size
+    cfg = LlamaConfig.from_hf(json.loads((Path(folder) / "config.json").read_text()))
+    vocab = cfg.vocab_size
     ids, types = make_rows(args.batch, args.seq, vocab, args.rows)
     tokens = args.batch * args.seq
     start_load = load_avg()
@@ -174,6 +211,12 @@ def main() -> None:
             print(f"{name} {label}: {row['tok_s']:.1f} tok/s (median), {row['ratio']:.2f}x transformers", flush=True)
         del impls
 
+    if args.floor:
+        floor = kernel_floor(cfg, args.batch, args.seq, clock)
+        hf = [r["tok_s"] for r in results if r["impl"] == "transformers" and r["dtype"] == "fp32"]
+        vs = f" = {tokens / floor / hf[0]:.2f}x transformers' fp32 median" if hf else ""
+        print(f"\nfp32 kernel floor (GEMMs and SDPA alone, nothing else): {floor:.2f} s per step = "
+              f"{tokens / floor:.1f} tok/s{vs}")
     clock_name = "CPU" if args.cpu_time else "wall"
     print(f"\nmodel {args.model}, batch {args.batch} x {args.seq}, rows {args.rows}, threads {torch.get_num_threads()}, "
           f"{args.steps} timed steps each ({clock_name} clock), load average {start_load} -> {load_avg()}")
