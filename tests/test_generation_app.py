@@ -50,6 +50,25 @@ def test_default_command_completes_once_upon_a_time(tmp_path, monkeypatch, capsy
     assert (tmp_path / "generate_output" / "completions.txt").read_text().startswith(completion)
 
 
+def test_compile_true_gives_eager_tokens_and_reports_which_decode_step_ran(tiny_folder, tmp_path, capsys):
+    prompts = json.dumps(["Hello there", "A much longer prompt about llamas", "x"])
+    common = [f"checkpoint.model_name_or_path={tiny_folder}", "generation.max_new_tokens=8",
+              f"generation.output_dir={tmp_path / 'o'}", "generation.output_format=jsonl",
+              f"generation.prompts={prompts}"]
+    runs = {}
+    for extra in ([], ["generation.compile=true"], ["generation.compile=true", "generation.batch_size=2"]):
+        code, out, err = run_cli(["generate", *common, *extra], capsys)
+        assert code == 0, err
+        runs[" ".join(extra)] = ([json.loads(line)["token_ids"] for line in out.splitlines()], err)
+    tokens = {k: v[0] for k, v in runs.items()}
+    assert tokens["generation.compile=true"] == tokens[""]
+    assert tokens["generation.compile=true generation.batch_size=2"] == tokens[""]
+    assert "decode_step: eager" in runs[""][1]
+    assert "decode_step: compiled" in runs["generation.compile=true"][1]
+    assert "compile_warmup_s" in runs["generation.compile=true"][1]
+    assert "decode_step: compiled at batch 1, else eager" in runs["generation.compile=true generation.batch_size=2"][1]
+
+
 def test_jsonl_batches_match_single_runs(tiny_folder, tmp_path, capsys):
     prompts = ["Hello there", "A much longer prompt about llamas and alpacas", "x"]
     common = [f"checkpoint.model_name_or_path={tiny_folder}", "generation.max_new_tokens=12",

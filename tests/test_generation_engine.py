@@ -219,3 +219,20 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     ref = [r.token_ids for r in eager.generate_batch(prompts[:2], 10)]
     assert [r.token_ids for r in compiled.generate_batch(prompts[:2], 10)] == ref
     assert len(layer_calls) == 3 * 11 * 2
+
+
+def test_compile_without_a_working_cxx_compiler_is_one_clear_error(tmp_path, monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    hf_tiny_model(hidden_size=48).save_pretrained(tmp_path)  # a shape no other test compiled
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
+    torch._dynamo.reset()
+    try:
+        engine = Engine(load_model(tmp_path), tokenizer=None, compile=True)
+        with pytest.raises(RuntimeError, match=r"generation.compile=true: torch.compile could not build the "
+                                               r"decode step .*C\+\+ compiler.*generation.compile=false"):
+            engine.generate_batch([[5, 6, 7]], 4)
+    finally:
+        torch._dynamo.reset()

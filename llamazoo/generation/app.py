@@ -125,6 +125,11 @@ def sampling_params(gen: GenerationSection) -> SamplingParams:
                           top_p=gen.top_p, min_p=gen.min_p, repetition_penalty=gen.repetition_penalty)
 
 
+def decode_step_kind(engine: Engine, n_prompts: int, batch_size: int) -> str:
+    compiled = {engine.uses_compiled_step(min(batch_size, n_prompts - i)) for i in range(0, n_prompts, batch_size)}
+    return "compiled" if compiled == {True} else "eager" if compiled == {False} else "compiled at batch 1, else eager"
+
+
 def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO | None = None,
                    model_loader: Callable[..., Any] | None = None) -> list[RowResult]:
     """The whole `llamazoo generate`: text mode streams completions to `out` (stdout) and then prints the
@@ -139,7 +144,7 @@ def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO |
     params = sampling_params(gen)
     engine = Engine(model, tok, compile=gen.compile, max_seq_length=max_seq_length)
     compile_s = None
-    if gen.compile:
+    if gen.compile and engine.uses_compiled_step(min(gen.batch_size, len(prompt_ids))):
         first = prompt_ids[:gen.batch_size]
         compile_s = engine.warmup(len(first), max(len(p) for p in first), gen.max_new_tokens)
 
@@ -180,6 +185,8 @@ def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO |
         "max_new_tokens": gen.max_new_tokens,
         "decoding": "sampling" if gen.do_sample else "greedy",
         "compile": gen.compile,
+        # compile=true on CPU compiles batch-1 decode only (at batch > 1 the eager step is faster)
+        "decode_step": decode_step_kind(engine, len(prompt_ids), gen.batch_size),
         "load_s": round(loaded.load_s, 3),
     }
     if compile_s is not None:

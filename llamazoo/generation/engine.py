@@ -124,9 +124,9 @@ class Engine:
     the same numbers; fp32: summation order differs slightly); the model's parameters are untouched.
     compile=True compiles the one-token decode step with torch.compile, one decoder layer at a time
     (all layers share one graph, so a compile takes seconds, not minutes, and inductor's on-disk cache
-    serves the next process) plus the LM head. Prefill stays eager. The
-    compiled step sees the whole cache (full-width masks); cache lengths are rounded up to a multiple of
-    `cache_multiple`, and a second length makes dynamo compile a length-generic graph.
+    serves the next process) plus the LM head. Prefill stays eager. The compiled step sees the whole
+    cache (full-width masks); cache lengths are rounded up to a multiple of `cache_multiple`, and a
+    second length makes dynamo compile a length-generic graph.
     """
 
     def __init__(self, model, tokenizer, compile: bool = False, cache_multiple: int = 64,
