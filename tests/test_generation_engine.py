@@ -221,18 +221,45 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     assert len(layer_calls) == 3 * 11 * 2
 
 
-def test_compile_without_a_working_cxx_compiler_is_one_clear_error(tmp_path, monkeypatch):
+def test_compile_without_a_working_cxx_compiler_is_one_clear_error(tmp_path):
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
     hf_tiny_model(hidden_size=48).save_pretrained(tmp_path)  # a shape no other test compiled
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
     torch._dynamo.reset()
     try:
-        engine = Engine(load_model(tmp_path), tokenizer=None, compile=True)
-        with pytest.raises(RuntimeError, match=r"generation.compile=true: torch.compile could not build the "
-                                               r"decode step .*C\+\+ compiler.*generation.compile=false"):
-            engine.generate_batch([[5, 6, 7]], 4)
+        with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",), "force_disable_caches": True}):
+            engine = Engine(load_model(tmp_path), tokenizer=None, compile=True)
+            with pytest.raises(RuntimeError, match=r"generation.compile=true: torch.compile could not build "
+                                                   r"the decode step .*C\+\+ compiler.*generation.compile=false"):
+                engine.generate_batch([[5, 6, 7]], 4)
     finally:
         torch._dynamo.reset()
+
+
+def test_reuse_prefix_prefills_only_new_tokens_and_gives_the_same_tokens(tmp_path):
+    """Chat turns: the previous exchange is already in the KV cache; only the rest is prefilled."""
+    hf_tiny_model(max_position_embeddings=256).save_pretrained(tmp_path)
+    fresh = Engine(load_model(tmp_path), tokenizer=None)
+    chat = Engine(load_model(tmp_path), tokenizer=None)
+    prefill_lengths = []
+    step = chat._eager_step
+    chat._eager_step = lambda ids, *a: prefill_lengths.append(ids.shape[1]) or step(ids, *a)
+
+    turn1 = random_prompts([20], 256, seed=3)[0]
+    r1 = chat.generate_batch([turn1], 10, reuse_prefix=True)[0]
+    assert r1.token_ids == fresh.generate_batch([turn1], 10)[0].token_ids
+    assert prefill_lengths[0] == 20
+    turn2 = turn1 + r1.token_ids + [7, 8, 9]
+    prefill_lengths.clear()
+    r2 = chat.generate_batch([turn2], 10, reuse_prefix=True)[0]
+    assert prefill_lengths[0] == 4  # the answer's last token (never fed back) and the 3 new ones
+    assert r2.token_ids == fresh.generate_batch([turn2], 10)[0].token_ids
+    turn3 = turn1[:5] + [11, 12]  # diverges after 5 tokens: only those are reused
+    prefill_lengths.clear()
+    assert chat.generate_batch([turn3], 6, reuse_prefix=True)[0].token_ids == \
+        fresh.generate_batch([turn3], 6)[0].token_ids
+    assert prefill_lengths[0] == 2
+    prefill_lengths.clear()
+    chat.generate_batch([turn3], 6)  # without reuse_prefix: the whole prompt
+    assert prefill_lengths[0] == 7

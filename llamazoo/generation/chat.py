@@ -55,7 +55,7 @@ class ChatSession:
         ids = self.encode(user)
         row = self.engine.generate_batch([ids], self.max_new_tokens, self.params, self.eos_ids, self.stop,
                                          self.generator, (lambda _b, t: on_text(t)) if on_text else None,
-                                         catch_interrupt=True)[0]
+                                         catch_interrupt=True, reuse_prefix=True)[0]
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": row.text}]
         return row
 

@@ -140,6 +140,8 @@ class Engine:
         self.cache_multiple = cache_multiple
         self.max_seq_length = max_seq_length or model.config.max_position_embeddings
         self._cache_shape: tuple[int, int] | None = None
+        # token ids whose keys/values fill slots 0..n-1 of a batch-1 cache (for reuse_prefix)
+        self._cached_ids: list[int] = []
         if compile:
             self._compiled_layer = torch.compile(_run_layer, fullgraph=True)
             self._compiled_logits = torch.compile(self._logits, fullgraph=True)
@@ -184,6 +186,7 @@ class Engine:
                 return have
         self.model.setup_cache(batch, length)
         self._cache_shape = (batch, length)
+        self._cached_ids = []
         return length
 
     def warmup(self, batch: int, prompt_len: int, max_new_tokens: int) -> float:
@@ -205,8 +208,13 @@ class Engine:
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                        params: SamplingParams | None = None, eos_ids: Sequence[int] = (),
                        stop: Sequence[str] = (), generator: torch.Generator | None = None,
-                       on_text: StreamFn | None = None, catch_interrupt: bool = False) -> list[RowResult]:
-        """Generates for one batch. on_text(row, text) receives each row's text as it becomes final."""
+                       on_text: StreamFn | None = None, catch_interrupt: bool = False,
+                       reuse_prefix: bool = False) -> list[RowResult]:
+        """Generates for one batch. on_text(row, text) receives each row's text as it becomes final.
+
+        reuse_prefix (batch 1, e.g. chat turns): the longest common prefix of this prompt and the tokens
+        already in the KV cache from the previous call is not computed again; prefill runs on the rest.
+        """
         params = params or SamplingParams()
         B = len(prompts)
         lens = [len(p) for p in prompts]
@@ -224,6 +232,12 @@ class Engine:
         ids = ids.to(dev)
         pad = torch.tensor([P - n for n in lens], device=dev)
         S = self._ensure_cache(B, P + max_new_tokens)
+        reused = 0
+        if reuse_prefix and B == 1:
+            limit = min(len(self._cached_ids), P - 1)  # at least one prompt token is computed, for its logits
+            while reused < limit and self._cached_ids[reused] == prompts[0][reused]:
+                reused += 1
+        self._cached_ids = []  # until this batch ends normally
         slots = torch.arange(S, device=dev)
         valid = slots[None, :] >= pad[:, None]  # [B,S]: the row's own slots
         eos = set(int(e) for e in eos_ids)
@@ -241,14 +255,14 @@ class Engine:
         compiled = self.uses_compiled_step(B)
         t0 = time.perf_counter()
         try:
-            cache_pos = torch.arange(P, device=dev)
+            cache_pos = torch.arange(reused, P, device=dev)
             pos = (cache_pos[None, :] - pad[:, None]).clamp(min=0)
             # masks cover only the slots written so far (the model then reads just those); the compiled
             # decode step gets full-width masks so that its shapes never change
             mask = None  # no padding: plain causal, SDPA's fastest path
-            if bool((pad > 0).any()):
+            if reused or bool((pad > 0).any()):
                 mask = (valid[:, None, :P] & (slots[None, None, :P] <= cache_pos[None, :, None]))[:, None]
-            logits = self._eager_step(ids, pos, mask, cache_pos)
+            logits = self._eager_step(ids[:, reused:], pos, mask, cache_pos)
             lens_t = torch.tensor(lens, device=dev)
             for step in range(max_new_tokens):
                 nxt = choose_tokens(logits, params, generator, seen)
@@ -287,6 +301,8 @@ class Engine:
                 else:
                     mask = valid[:, None, None, :cur + 1]
                     logits = self._eager_step(nxt[:, None], pos, mask, cache_pos)
+            if B == 1:  # the prompt and every token fed back (all but the last) now fill the first slots
+                self._cached_ids = list(prompts[0]) + rows[0].token_ids[:-1]
         except KeyboardInterrupt:
             if not catch_interrupt:
                 raise
