@@ -255,6 +255,11 @@ def test_reuse_prefix_prefills_only_new_tokens_and_gives_the_same_tokens(tmp_pat
     r2 = chat.generate_batch([turn2], 10, reuse_prefix=True)[0]
     assert prefill_lengths[0] == 4  # the answer's last token (never fed back) and the 3 new ones
     assert r2.token_ids == fresh.generate_batch([turn2], 10)[0].token_ids
+    turn3 = turn2 + r2.token_ids + list(range(20, 60))  # needs a bigger cache: the prefix is copied over
+    prefill_lengths.clear()
+    assert chat.generate_batch([turn3], 10, reuse_prefix=True)[0].token_ids == \
+        fresh.generate_batch([turn3], 10)[0].token_ids
+    assert prefill_lengths[0] == 41 and chat.model.cache_len == 128
     turn3 = turn1[:5] + [11, 12]  # diverges after 5 tokens: only those are reused
     prefill_lengths.clear()
     assert chat.generate_batch([turn3], 6, reuse_prefix=True)[0].token_ids == \

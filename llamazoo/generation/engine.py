@@ -184,9 +184,15 @@ class Engine:
             # slots in use (narrow masks), so a larger cache costs memory, not time
             if b == batch and length <= have:
                 return have
+        n = len(self._cached_ids) if self._cache_shape == (batch, self.model.cache_len) else 0
+        old = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v) for layer in self.model.model.layers] if n else []
         self.model.setup_cache(batch, length)
         self._cache_shape = (batch, length)
-        self._cached_ids = []
+        for layer, (k, v) in zip(self.model.model.layers, old):  # a growing conversation keeps its prefix
+            layer.self_attn.kv_cache.k[:, :, :n] = k[:, :, :n]
+            layer.self_attn.kv_cache.v[:, :, :n] = v[:, :, :n]
+        if not old:
+            self._cached_ids = []
         return length
 
     def warmup(self, batch: int, prompt_len: int, max_new_tokens: int) -> float:
