@@ -12,6 +12,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from llamazoo.io.yamlfile import read_yaml_mapping
+
 
 class Section(BaseModel):
     """A config section: unknown keys are errors."""
@@ -129,12 +131,7 @@ def load_config(schema: type[C], config_file: str | Path | None = None, override
         source = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of sections at the top level")
+        data = read_yaml_mapping(path, "a mapping of sections at the top level")
     if overrides:
         data = merge_overrides(data, list(overrides))
         source = f"{source} (with overrides)" if config_file else "command-line overrides"

@@ -16,23 +16,17 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from llamazoo.io.yamlfile import read_yaml_mapping
+
 SPLIT_FILE = re.compile(r"^(train|dev)_(\d+)_of_(\d+)\.hdf5$")
 
 
 def read_metadata(folder: Path) -> dict[str, Any]:
-    import yaml
-
     meta_file = folder / "metadata.yaml"
     if not meta_file.is_file():
         raise FileNotFoundError(f"training.dataset: {folder} has no metadata.yaml; expected a folder written by "
                                 "`llamazoo prepare` or generative_data_prep")
-    try:
-        meta = yaml.safe_load(meta_file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{meta_file}: not valid YAML ({e})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{meta_file}: expected a mapping")
-    return meta
+    return read_yaml_mapping(meta_file)
 
 
 def split_files(folder: Path, split: str) -> list[Path]:

@@ -12,6 +12,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from llamazoo.io.yamlfile import read_yaml_mapping
+
 TYPE_NAMES = {0: "prompt", 1: "completion", 2: "padding", 3: "sep"}
 COLORS = {0: "\033[36m", 1: "\033[32m", 2: "\033[90m", 3: "\033[35m"}
 RESET = "\033[0m"
@@ -92,9 +94,7 @@ def inspect_dataset(path: str | Path, rows: int = 2, start: int = 0, files: int 
     out = []
     meta = p / "metadata.yaml" if p.is_dir() else None
     if meta is not None and meta.is_file():
-        import yaml
-
-        m = yaml.safe_load(meta.read_text())
+        m = read_yaml_mapping(meta)
         out.append(f"metadata: max_seq_length {m.get('max_seq_length')}, vocab_size {m.get('vocab_size')}, "
                    f"{m.get('number_of_training_files')} train / {m.get('number_of_dev_files')} dev / "
                    f"{m.get('number_of_test_files')} test files")
