@@ -1,13 +1,17 @@
-"""Shared fixtures: tiny random HF models saved by transformers, the shared/ folder, the default model."""
+"""Shared fixtures: tiny random HF models saved by transformers, the tokenizer folders in tests/data, the
+default model."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+TOKENIZERS = DATA / "tokenizers"
 SHARED = Path(os.environ.get("LLAMAZOO_SHARED", REPO.parent / "shared")).resolve()
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
@@ -54,6 +58,31 @@ def default_model_dir() -> Path:
 def shared() -> Path:
     assert SHARED.is_dir(), f"shared folder not found at {SHARED} (set LLAMAZOO_SHARED)"
     return SHARED
+
+
+def tokenizer_folder(name: str, root: Path) -> Path:
+    """A HF tokenizer folder from tests/data/tokenizers. The chat variants of GPT-2 keep only their
+    tokenizer_config.json there (the chat template); the rest is GPT-2's, copied in under `root`."""
+    src = TOKENIZERS / name
+    if not src.is_dir():
+        raise FileNotFoundError(f"no tokenizer {name!r} in {TOKENIZERS}")
+    if name == "gpt2" or not name.startswith("gpt2"):
+        return src
+    out = root / name
+    if not out.is_dir():
+        tmp = root / (name + ".tmp")
+        shutil.copytree(TOKENIZERS / "gpt2", tmp, dirs_exist_ok=True)
+        (tmp / "NOTICE.md").unlink(missing_ok=True)
+        shutil.copy(src / "tokenizer_config.json", tmp / "tokenizer_config.json")
+        tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tmp_path_factory):
+    """Factory: tokenizers("gpt2" | "gpt2-chat-chatml" | "gpt2-chat-llama31tmpl") -> a HF folder."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    return lambda name: tokenizer_folder(name, root)
 
 
 @pytest.fixture
