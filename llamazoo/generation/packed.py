@@ -59,6 +59,8 @@ def can_pack(model: nn.Module) -> str | None:
         return "weights are not on the CPU"
     if w.dtype not in PACKABLE:
         return f"dtype {w.dtype} is not packed (float32 and bfloat16 are)"
+    if w.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no oneDNN bfloat16 kernels (they need AVX512BW/VL/DQ or AVX-NE-CONVERT)"
     if any(type(p) is not torch.nn.Parameter and type(p) is not torch.Tensor for p in model.parameters()):
         return "weights are sharded tensors"
     try:
