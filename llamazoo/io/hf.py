@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from llamazoo.model.llama import LlamaConfig, LlamaForCausalLM, PrecisionOptions, init_weights
+from llamazoo.io.atomic import replace_path, temp_path_beside
+from llamazoo.model.llama import (LlamaConfig, LlamaForCausalLM, PrecisionOptions, init_weights,
+                                  materialize_parameters, replay_default_init)
 from llamazoo.model.registry import NAMED_CONFIGS, named_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -116,11 +117,17 @@ def build_model(cfg: LlamaConfig, opts: PrecisionOptions | None = None, device: 
 
 def random_model(cfg: LlamaConfig, dtype: torch.dtype | None = None, device="cpu",
                  opts: PrecisionOptions | None = None, seed: int | None = None) -> LlamaForCausalLM:
+    """HF's random init in `dtype` (fp32 by default), built on the meta device and materialized one tensor
+    at a time: the peak is the model in `dtype` plus one fp32 tensor (a 7B model in bf16 needs ~13.5 GB,
+    not its 27 GB fp32 size). A seed gives the weights an eager fp32 build, init and cast gave."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = build_model(cfg, opts, device=device, dtype=torch.float32)
+    model = build_model(cfg, opts, device="meta")
+    materialize_parameters(model, device, dtype or torch.float32)
+    replay_default_init(model, device)
     init_weights(model)
-    return model.to(dtype or torch.float32)
+    _materialize_buffers(model, device)
+    return model
 
 
 def load_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype, device) -> None:
@@ -204,7 +211,8 @@ def save_state_dict_folder(sd: dict[str, torch.Tensor], cfg: LlamaConfig, out_di
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_path_beside(out)
+    tmp.mkdir()
     try:
         sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
         dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
@@ -329,7 +337,8 @@ def save_sharded_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, toke
     error: BaseException | None = None
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = temp_path_beside(out)
+        tmp.mkdir()
     try:
         shard: dict[str, torch.Tensor] = {}
         files: list[list[str]] = []
@@ -374,17 +383,6 @@ def save_sharded_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, toke
     return out
 
 
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Moves a complete temporary folder to `out` by rename, replacing an existing folder there."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 def _finish_folder(tmp: Path, out: Path, cfg: LlamaConfig, parts: list[list[str]], total: int,
                    dtype: torch.dtype, tokenizer, extra_files: dict[str, str] | None = None) -> None:
     """Names the weight parts (part-0000i.safetensors, holding the tensors named in parts[i]) as HF does
@@ -411,4 +409,4 @@ def _finish_folder(tmp: Path, out: Path, cfg: LlamaConfig, parts: list[list[str]
         tokenizer.save(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
-    replace_folder(tmp, out)
+    replace_path(tmp, out)

@@ -397,15 +397,85 @@ class LlamaForCausalLM(nn.Module):
         return logits.float() if self.opts.fp32_logits else logits
 
 
-def init_weights(model: LlamaForCausalLM) -> None:
-    """HF's init: normal(0, initializer_range) for linear and embedding weights, zeros for biases, ones for norms."""
-    std = model.config.initializer_range
+# -- random init ----------------------------------------------------------------------------------------
+# A model built on the meta device is materialized in its target dtype and initialized one tensor at a time,
+# drawing in fp32 and casting, so that a seed gives the weights an eager fp32 build, init and cast gave, while
+# the peak memory stays near the model's size in its dtype (7B in bf16: ~13.5 GB, not the 27 GB of fp32).
+INIT_CHUNK = 1 << 22  # elements drawn at a time on CPU (16 MB in fp32); a multiple of 16, see _pieces
+
+
+def _pieces(n: int, device: torch.device) -> list[tuple[int, int]]:
+    """Ranges of n elements whose draws, made in order, equal one draw over all n. On CPU, torch's normal_
+    turns uniforms into normals in blocks of 16 and redraws the last 16 when n is not a multiple of 16, so
+    pieces start at multiples of 16 and the last one keeps the tail; uniform_ draws element by element.
+    Other devices' generators count offsets per launch: one piece."""
+    if device.type != "cpu" or n <= INIT_CHUNK:
+        return [(0, n)]
+    out, i = [], 0
+    while i < n:
+        j = n if n - i - INIT_CHUNK < 16 else i + INIT_CHUNK
+        out.append((i, j))
+        i = j
+    return out
+
+
+@torch.no_grad()
+def _draw(target: torch.Tensor | None, n: int, device: torch.device, draw: Callable[[torch.Tensor], Any]) -> None:
+    """draw(buffer) fills fp32 buffers in place; the values go to `target` (cast to its dtype) or, with None,
+    are discarded (the generator advances as if n elements were drawn)."""
+    if target is not None and target.dtype == torch.float32:
+        draw(target)
+        return
+    for a, b in _pieces(n, device):
+        buf = torch.empty(b - a, dtype=torch.float32, device=device)
+        draw(buf)
+        if target is not None:
+            target.view(-1)[a:b].copy_(buf)
+        del buf
+
+
+def replay_default_init(model: LlamaForCausalLM, device: str | torch.device) -> None:
+    """Advances the random generator of `device` as building `model` eagerly there would have: each nn.Linear
+    draws uniform weights then biases, each nn.Embedding normal weights, as it is built (module order)."""
+    device = torch.device(device)
     for m in model.modules():
         if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, std)
+            _draw(None, m.weight.numel(), device, lambda t: t.uniform_())
+            if m.bias is not None:
+                _draw(None, m.bias.numel(), device, lambda t: t.uniform_())
+        elif isinstance(m, nn.Embedding):
+            _draw(None, m.weight.numel(), device, lambda t: t.normal_())
+
+
+def materialize_parameters(model: nn.Module, device: str | torch.device, dtype: torch.dtype) -> None:
+    """Gives a meta-device model uninitialized parameters on `device` in `dtype`, one tensor at a time
+    (tied parameters stay one tensor), so nothing but the model itself is allocated."""
+    new: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            if id(p) not in new:
+                new[id(p)] = nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype), p.requires_grad)
+            setattr(m, name, new[id(p)])
+
+
+@torch.no_grad()
+def init_weights(model: LlamaForCausalLM) -> None:
+    """HF's init: normal(0, initializer_range) for linear and embedding weights, zeros for biases, ones for norms.
+
+    Weights in another dtype than fp32 get fp32 draws cast to their dtype (a few MB at a time on CPU), so a
+    seed gives the same values, rounded, at every dtype. A tied lm_head is drawn again, as HF's
+    module-by-module init does."""
+    std = model.config.initializer_range
+
+    def normal_(w: torch.Tensor) -> None:
+        _draw(w, w.numel(), w.device, lambda t: t.normal_(0.0, std))
+
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            normal_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, std)
+            normal_(m.weight)
         elif isinstance(m, RMSNorm):
             nn.init.ones_(m.weight)
