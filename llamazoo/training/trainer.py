@@ -1,45 +1,49 @@
-"""The training loop: build -> parallelize -> optimizer -> steps, with exact resume.
+"""A training run: `train(cfg)` sets up a `Trainer` and runs it, with exact resume.
 
-The stages are separate so that parallel training plugs in without touching the loop:
-`TrainHooks.parallelize` wraps or shards the built model (DDP, FSDP2, TP), `CheckpointIO` decides how
-state dicts are gathered and who writes them, and data-parallel rank and size come from
-torch.distributed when it is initialized (or from the hooks).
+Where each part lives (all under llamazoo/training/):
+  trainer.py   the run's order: set-up, the loop, checkpoints, the final outputs (here)
+  build.py     set-up from the config: checks, dataset, model and tokenizer, step count, model preparations
+  batch.py     HDF5 rows -> a Batch (labels, loss weights, attention masks)
+  step.py      one optimizer step's arithmetic: global loss over micro-batches and DP ranks, clipping, update
+  evaluate.py  dev loss
+  optim.py     AdamW, learning-rate schedules, fp32 master weights
+  state.py     checkpoint folders: save, load, find the resume point; CheckpointIO
+  report.py    stderr lines, progress bar, per_step_metrics.csv, summary.txt
 
-The loss of a step is global: the weighted sum of per-token losses over all micro-batches and all
-data-parallel ranks, divided by the weight sum over the same. Each micro-batch backpropagates
-`local weighted sum / global weight sum` (times the DP size, since DDP and FSDP average gradients),
-so any batch split gives the gradient of one big batch.
+Parallel training plugs in through `TrainHooks` without touching the loop: `parallelize` wraps or
+shards the built model (DDP, FSDP2, TP), `CheckpointIO` decides how state dicts are gathered and who
+writes them, and the data-parallel group comes from the hooks or torch.distributed.
+
+Fine-tuning methods (LoRA, QLoRA) plug in at three `Trainer` methods: `prepare_model` (add adapters,
+freeze the base: what is trained is exactly what has requires_grad afterwards, for the optimizer's
+param groups, the fp32 master weights and gradient clipping alike), `build_optimizer`, and
+`write_output` (the final folder: a HF model folder here).
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib
-import math
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llamazoo.config import TrainConfig
-from llamazoo.data.dataset import BatchSampler, PreparedDataset, eval_batches
-from llamazoo.data.masks import IGNORE_INDEX, batch_inputs
-from llamazoo.training.loss import weighted_linear_cross_entropy
-from llamazoo.training.optim import MasterWeights, build_optimizer, clip_grad_norm, scheduler_for
-from llamazoo.training.report import MetricsLog, perplexity, write_summary
-from llamazoo.training.state import (CheckpointIO, is_sharded_checkpoint, load_checkpoint, load_sharded_checkpoint,
-                                     resolve_resume, save_checkpoint, set_rng_state)
+from llamazoo.data.dataset import BatchSampler
+from llamazoo.training import optim, state
+from llamazoo.training.batch import Batch, make_batch
+from llamazoo.training.build import (check_config, check_output_dir, compile_layers, enable_activation_checkpointing,
+                                     find_tokenizer, load_model, open_dataset, step_budget, weights_dtype)
+from llamazoo.training.evaluate import dev_loss
+from llamazoo.training.report import RunReport, log, summary_fields
+from llamazoo.training.step import (DataParallel, TrainingError, check_finite, clip_gradients, forward_backward,
+                                    loss_sums, optimizer_step)
 
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. a non-finite loss); printed as one line by the CLI."""
+# the CLI, the distributed hooks, tests and benchmarks import these from here
+__all__ = ["train", "Trainer", "TrainHooks", "TrainingError", "Batch", "make_batch", "loss_sums", "compile_layers"]
 
 
 @dataclass
@@ -48,7 +52,7 @@ class TrainHooks:
 
     # model -> wrapped/sharded model (called after weights are loaded, before the optimizer is built)
     parallelize: Callable[[nn.Module, TrainConfig], nn.Module] | None = None
-    checkpoint_io: CheckpointIO = field(default_factory=CheckpointIO)
+    checkpoint_io: state.CheckpointIO = field(default_factory=state.CheckpointIO)
     # data-parallel group; None: torch.distributed's default group when initialized, else single
     dp_rank: int | None = None
     dp_world_size: int | None = None
@@ -63,119 +67,26 @@ class TrainHooks:
     on_step_end: Callable[[int, dict[str, float]], None] | None = None
 
 
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    weights: torch.Tensor
-    attention_mask: torch.Tensor | None
-    position_ids: torch.Tensor | None
-    rows: int
-
-    @property
-    def weight_sum(self) -> torch.Tensor:
-        return self.weights.sum()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The LlamaForCausalLM inside DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
-
-
-def loss_sums(model: nn.Module, batch: Batch, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted sum of per-token losses, weight sum), both fp32 scalars.
-
-    The LM head runs only on positions with a non-zero weight, so padding and prompt tokens with
-    prompt_loss_weight 0 cost no vocabulary-sized work; the logits are fp32 per the fp32_logits knob
-    (and always fp32 inside the loss, as transformers does)."""
-    weights = batch.weights
-    if full_logits:
-        logits = model(batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
-        per_token = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), reduction="none",
-                                    ignore_index=IGNORE_INDEX)
-        return (per_token * weights.flatten()).sum(), weights.sum()
-    hidden = model(batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
-                   return_hidden=True)
-    core = unwrap(model)
-    flat_w = weights.flatten()
-    keep = flat_w.nonzero().squeeze(1)
-    head = core.lm_head
-    h = hidden.flatten(0, 1).index_select(0, keep).to(head.weight.dtype)
-    labels, w = batch.labels.flatten().index_select(0, keep), flat_w.index_select(0, keep)
-    if type(head.weight).__name__ != "DTensor" and head.bias is None:
-        return weighted_linear_cross_entropy(h, head.weight, labels, w), flat_w.sum()
-    per_token = F.cross_entropy(head(h).float(), labels, reduction="none")  # a sharded head: through the module
-    return (per_token * w).sum(), flat_w.sum()
-
-
-TRIM_MULTIPLE = 32
-
-
-def trim_padding(ids: torch.Tensor, types: torch.Tensor, multiple: int = TRIM_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drops trailing columns that are padding in every row (rounded up to `multiple` to keep few
-    distinct shapes). Exact: with right padding and causal attention no kept position sees them,
-    and their loss weight is 0. Fine-tuning rows are often mostly padding, so this is a large saving."""
-    real = (types != 2).any(0).nonzero()
-    n = int(real[-1]) + 1 if len(real) else 1
-    n = min(ids.shape[1], -(-n // multiple) * multiple)
-    return ids[:, :n], types[:, :n]
-
-
-def make_batch(ids: torch.Tensor, types: torch.Tensor, t, device: torch.device) -> Batch:
-    ids, types = trim_padding(ids, types)
-    b = batch_inputs(ids, types, prompt_loss_weight=t.prompt_loss_weight, article_attention=t.article_attention,
-                     reset_position_ids=t.reset_position_ids)
-    return Batch(input_ids=b["input_ids"].to(device), labels=b["labels"].to(device), weights=b["weights"].to(device),
-                 attention_mask=b["attention_mask"].to(device) if "attention_mask" in b else None,
-                 position_ids=b["position_ids"].to(device) if "position_ids" in b else None, rows=ids.shape[0])
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer in backward (parameter names unchanged)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for layer in unwrap(model).model.layers:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-
-
-def compile_layers(model: nn.Module) -> None:
-    """torch.compile each decoder layer (training.compile).
-
-    The layers share one code object, so the 30 layers of SmolLM2 cost one compilation (about half a
-    minute on 2 CPU cores) and the graph is reused with each layer's parameters as inputs. What it buys
-    is fusion of the memory-bound elementwise work around the matmuls (RMSNorm, RoPE, SiLU*up,
-    residual adds) in forward and backward; the matmuls and attention stay the same kernels, and the
-    losses equal eager's to float rounding. The LM head and loss stay eager (a custom fused kernel)."""
-    for layer in unwrap(model).model.layers:
-        layer.compile()
-
-
-def _all_reduce_sum(t: torch.Tensor, group: Any) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=group)
-    return t
-
-
-def _dp_rank_world(hooks: TrainHooks) -> tuple[int, int]:
+def data_parallel(hooks: TrainHooks) -> DataParallel:
+    """The hooks' DP group, else torch.distributed's default group when initialized, else rank 0 of 1."""
     if hooks.dp_rank is not None and hooks.dp_world_size is not None:
-        return hooks.dp_rank, hooks.dp_world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(hooks.dp_group), torch.distributed.get_world_size(hooks.dp_group)
-    return 0, 1
+        rank, size = hooks.dp_rank, hooks.dp_world_size
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, size = torch.distributed.get_rank(hooks.dp_group), torch.distributed.get_world_size(hooks.dp_group)
+    else:
+        rank, size = 0, 1
+    return DataParallel(rank=rank, size=size, group=hooks.dp_group, grads_averaged=hooks.grads_averaged)
 
 
-def check_output_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise PermissionError(f"training.output_dir: cannot write to {path} ({e.strerror or e}); "
-                              "expected a writable folder") from None
+@dataclass
+class Counters:
+    """How far the run is; all but `losses` (this process's steps) are saved in checkpoints."""
+
+    step: int = 0
+    micro_batches: int = 0  # read so far; the run's last step may have fewer than grad_accumulation_steps
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
 
 
 class _StopSignal:
@@ -205,286 +116,235 @@ class _StopSignal:
             signal.signal(s, h)
 
 
-def _micro_context(model: nn.Module, last: bool) -> ContextManager:
-    if not last and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
+class Trainer:
+    """One run: `__init__` sets it up (resuming if asked), `fit` trains and writes the outputs, `close`
+    releases the dataset files and logs.
 
+    The set-up order matters: config errors come out in the order users meet them; a single-process
+    checkpoint's weights are loaded before the model is parallelized, optimizer state once the
+    optimizer exists, and a sharded checkpoint into the parallelized model."""
 
-@torch.no_grad()
-def evaluate(model: nn.Module, ds: PreparedDataset, t, device: torch.device, rank: int, world: int,
-             hooks: TrainHooks) -> tuple[float, int]:
-    """(dev loss, dev tokens with weight): the weighted mean over every dev row, global over DP."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for rows, n_real in eval_batches(ds.dev, t.batch_size, rank, world):
-        ids, types = ds.dev.read(rows)
-        batch = make_batch(ids, types, t, device)
-        if n_real < len(rows):
-            batch.weights[n_real:] = 0
-        s, w = loss_sums(model, batch, hooks.full_logits)
-        total += torch.stack([s.double(), w.double()])
-    _all_reduce_sum(total, hooks.dp_group)
-    model.train(was_training)
-    loss = (total[0] / total[1].clamp_min(1e-12)).item()
-    return loss, int(total[1].item())
+    def __init__(self, cfg: TrainConfig, hooks: TrainHooks | None = None, progress: bool = True):
+        self.cfg, self.t = cfg, cfg.training
+        self.hooks = hooks or TrainHooks()
+        self.show_progress = progress
+        t = self.t
+        check_config(cfg)
+        self.dp = data_parallel(self.hooks)
+        dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.world_size = torch.distributed.get_world_size() if dist_on else 1  # all processes: DP x TP
+        self.io = self.hooks.checkpoint_io
+        self.is_main = self.io.is_writer and self.dp.rank == 0
+        self.output_dir = Path(t.output_dir)
+        check_output_dir(self.output_dir)
 
+        self.ds = open_dataset(cfg, self.dp.size)
+        self.device = torch.device(cfg.model.torch_device())
+        self.weights_dtype = weights_dtype(cfg, self.hooks.handles_mixed_precision)
+        torch.manual_seed(t.seed)
+        self.core = load_model(cfg, self.ds, self.weights_dtype, self.device)  # never wrapped: config, saving
+        self.tokenizer = find_tokenizer(cfg, self.ds, self.is_main)
+        self.sampler = BatchSampler(len(self.ds.train), t.batch_size, t.seed, self.dp.rank, self.dp.size)
+        self.micro_total, self.total_steps = step_budget(cfg, self.sampler.batches_per_epoch)
+        self.counters = Counters()
 
-def _log(msg: str, is_main: bool) -> None:
-    if is_main:
-        print(f"llamazoo train: {msg}", file=sys.stderr, flush=True)
+        resumed = self._resume_weights()
+        self.model = self.prepare_model(self.core)  # what forward runs through (maybe wrapped)
+        self.optimizer, self.master = self.build_optimizer()
+        self.trained = self.trainable_parameters()  # clipped directly when there are no fp32 master copies
+        self.scheduler = optim.scheduler_for(self.optimizer, t.lr_schedule, t.learning_rate, t.min_lr, t.warmup_steps,
+                                             self.total_steps)
+        self._resume_training_state(resumed)
+
+        self.report = RunReport(self.output_dir, self.is_main, resume_step=self.counters.step, tensorboard=t.tensorboard)
+        self.report.write_config(cfg.model_dump())
+        self.evaluate_on = t.evaluate and self.ds.dev is not None and len(self.ds.dev) > 0
+        if t.evaluate and not self.evaluate_on:
+            self.report.log(f"training.evaluate: {self.ds.folder} has no dev rows; skipping evaluation")
+        self.dev_loss: float | None = None
+
+    # -- what a fine-tuning method changes -------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """The loaded model (weights in place) -> the module the loop runs: train mode, activation
+        checkpointing, the parallel wrapper, compiled layers. Adapters and frozen weights belong
+        before the wrapper: it shards what requires grad."""
+        model.train()
+        if self.t.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if self.hooks.parallelize is not None:
+            model = self.hooks.parallelize(model, self.cfg)
+        if self.t.compile:
+            compile_layers(model)
+        return model
+
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def build_optimizer(self) -> tuple[torch.optim.Optimizer, optim.MasterWeights | None]:
+        """AdamW over the parameters that require grad; with bf16 weights it updates fp32 master copies
+        of them, which are copied down after each step."""
+        t = self.t
+        master = optim.MasterWeights(self.core) if self.weights_dtype != torch.float32 else None
+        owner = self.core if self.hooks.parallelize is None else self.model
+        return optim.build_optimizer(owner, t.learning_rate, t.weight_decay, master), master
+
+    def write_output(self) -> None:
+        """The run's final model in output_dir (config.json, model.safetensors, tokenizer), loadable by
+        transformers. Every rank calls it: a parallel CheckpointIO gathers one tensor at a time."""
+        self.io.publish_hf_folder(self.output_dir, self.core, self.tokenizer)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Trains to total_steps (or until SIGINT/SIGTERM: then a checkpoint to resume from) and writes
+        the outputs; returns the run's summary dict."""
+        t, c = self.t, self.counters
+        if self.show_progress:
+            self.report.open_bar(self.total_steps, c.step)
+        if self.evaluate_on and c.step == 0:  # the baseline, so that the first dev loss has something to compare with
+            self.evaluate("before training: ")
+        interrupted = None
+        try:
+            with _StopSignal() as stop:
+                while c.step < self.total_steps:
+                    self.train_step()
+                    if self.evaluate_on and t.eval_every_steps and c.step % t.eval_every_steps == 0 \
+                            and c.step < self.total_steps:
+                        self.evaluate(f"step {c.step}: ")
+                    if (t.save_every_steps and c.step % t.save_every_steps == 0) or \
+                            (stop.signum and c.step < self.total_steps):
+                        self.save_checkpoint()
+                    if stop.signum:
+                        interrupted = signal.Signals(stop.signum).name
+                        break
+        finally:
+            self.report.close_bar()
+        if interrupted:
+            self.report.log(f"{interrupted}: saved a resumable checkpoint at step {c.step} in {self.last_checkpoint}; "
+                            f"continue with training.resume_from=auto")
+            return {"step": c.step, "interrupted": interrupted, "checkpoint": str(self.last_checkpoint),
+                    "losses": c.losses}
+        return self.finish()
+
+    def next_batches(self) -> list[Batch]:
+        """The next step's micro-batches (this rank's rows of each global batch)."""
+        n_micro = min(self.t.grad_accumulation_steps, self.micro_total - self.counters.micro_batches)
+        batches = []
+        for _ in range(n_micro):
+            _, _, rows = self.sampler.next()
+            ids, types = self.ds.train.read(rows)
+            batches.append(make_batch(ids, types, self.t, self.device))
+        return batches
+
+    def train_step(self) -> None:
+        """One optimizer step over grad_accumulation_steps micro-batches."""
+        c = self.counters
+        t0 = time.perf_counter()
+        batches = self.next_batches()
+        loss = forward_backward(self.model, batches, self.dp, self.hooks.full_logits)
+        grad_norm = clip_gradients(self.trained, self.master, self.t.max_grad_norm)
+        check_finite(c.step + 1, loss, grad_norm, self.last_checkpoint)
+        lr = optimizer_step(self.optimizer, self.scheduler, self.master)
+        c.step += 1
+        c.micro_batches += len(batches)
+        tokens = sum(b.rows for b in batches) * self.dp.size * self.ds.max_seq_length
+        c.tokens_seen += tokens
+        seconds = time.perf_counter() - t0
+        c.train_seconds += seconds
+        c.losses.append(loss)
+        self.report.step(c.step, tokens, loss, lr, seconds, grad_norm,
+                         show=c.step % self.t.log_every_steps == 0 or c.step == self.total_steps)
+        if self.hooks.on_step_end is not None:
+            self.hooks.on_step_end(c.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                                            "seconds": seconds})
+
+    def evaluate(self, when: str) -> None:
+        """Dev loss now, logged (`when` prefixes the stderr line)."""
+        self.dev_loss, tokens = dev_loss(self.model, self.ds.dev, self.t, self.device, self.dp, self.hooks.full_logits)
+        self.report.eval(self.counters.step, self.dev_loss, tokens, when)
+
+    def finish(self) -> dict[str, Any]:
+        """After the last step: final dev loss, a last checkpoint (when the run keeps them), the model
+        folder, summary.txt."""
+        t, c = self.t, self.counters
+        if self.evaluate_on:
+            self.evaluate("")
+        if t.save_every_steps and (self.last_checkpoint is None or not str(self.last_checkpoint).endswith(f"step_{c.step}")):
+            self.save_checkpoint()
+        self.write_output()
+        self.report.summary(summary_fields(
+            num_epochs=t.num_epochs, batch_size=t.batch_size, steps=c.step, dp_workers=self.dp.size,
+            grad_accumulation_steps=t.grad_accumulation_steps, tokens_seen=c.tokens_seen,
+            train_seconds=c.train_seconds, final_loss=c.losses[-1] if c.losses else None, dev_loss=self.dev_loss),
+            self.cfg.model.model_dump())
+        self.report.log(f"done: {c.step} steps; model, summary.txt and per_step_metrics.csv in {self.output_dir}")
+        return {"step": c.step, "interrupted": None, "dev_loss": self.dev_loss, "losses": c.losses,
+                "output_dir": str(self.output_dir),
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
+    def close(self) -> None:
+        self.report.close()
+        self.ds.close()
+
+    # -- checkpoints (files: state.py) -------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides model, optimizer, master weights and RNG states."""
+        c = self.counters
+        return {"step": c.step, "total_steps": self.total_steps, "tokens_seen": c.tokens_seen,
+                "train_seconds": c.train_seconds, "sampler": self.sampler.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "dp_world_size": self.dp.size,
+                "world_size": self.world_size, "tensor_parallel": self.world_size // self.dp.size}
+
+    def save_checkpoint(self) -> None:
+        path = state.save_checkpoint(self.output_dir, self.counters.step, self.core, self.checkpoint_state(), self.io,
+                                     self.optimizer, self.t.keep_last_checkpoints, self.tokenizer, self.master)
+        self.last_checkpoint = path or self.last_checkpoint
+
+    def _resume_weights(self) -> dict[str, Any]:
+        """Finds the checkpoint to resume from (training.resume_from) and loads a single-process one's
+        weights into the unwrapped model; returns its training state ({} if none) for after the
+        optimizer is built."""
+        t = self.t
+        self.resume_path = state.resolve_resume(t.resume_from, self.output_dir)
+        self.last_checkpoint: Path | None = self.resume_path
+        self.sharded_resume = self.resume_path is not None and self.io.sharded
+        if self.sharded_resume and not state.is_sharded_checkpoint(self.resume_path):
+            raise ValueError(f"training.resume_from: {self.resume_path} was written by a single-process run; a parallel "
+                             f"run resumes only from its own (torch.distributed.checkpoint) checkpoints at the same "
+                             f"world size")
+        train_state: dict[str, Any] = {}
+        if self.resume_path is not None and not self.sharded_resume:
+            sd, train_state = state.load_checkpoint(self.resume_path)
+            self.io.load_model_state_dict(self.core, sd)
+            del sd
+            log(f"resuming from {self.resume_path} (step {train_state['step']})", self.is_main)
+        elif t.resume_from == "auto":
+            log(f"resume_from=auto: no checkpoint in {self.output_dir / 'checkpoints'} yet; starting fresh", self.is_main)
+        return train_state
+
+    def _resume_training_state(self, train_state: dict[str, Any]) -> None:
+        """Optimizer, master weights, schedule, data position, RNG and counters of the resume point (a
+        sharded checkpoint: model weights too, each rank reading its own shards)."""
+        c = self.counters
+        if self.sharded_resume:
+            train_state = state.load_sharded_checkpoint(self.resume_path, self.core, self.optimizer, self.master)
+            log(f"resuming from {self.resume_path} (step {train_state['step']})", self.is_main)
+        elif train_state:
+            self.io.load_optimizer_state_dict(self.model, self.optimizer, train_state["optimizer"])
+            if self.master is not None:
+                self.master.load_state_dict(train_state["master_weights"])
+        if train_state:
+            self.scheduler.load_state_dict(train_state["scheduler"])
+            self.sampler.load_state_dict(train_state["sampler"])
+            state.set_rng_state(train_state["rng"])
+            c.step, c.tokens_seen, c.train_seconds = train_state["step"], train_state["tokens_seen"], \
+                train_state["train_seconds"]
+        c.micro_batches = c.step * self.t.grad_accumulation_steps
 
 
 def train(cfg: TrainConfig, hooks: TrainHooks | None = None, progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) a training run as configured; returns a summary dict."""
-    from llamazoo.io.hf import load_model
-    from llamazoo.io.tokenizer import has_tokenizer, load_tokenizer
-
-    hooks = hooks or TrainHooks()
-    t = cfg.training
-    ck = cfg.checkpoint
-    if bool(ck.model_name_or_path) == bool(ck.config_name):
-        both = "both are" if ck.model_name_or_path else "neither is"
-        raise ValueError(f"set exactly one of checkpoint.model_name_or_path (weights to fine-tune) and "
-                         f"checkpoint.config_name (a config.json or named config for random init); {both} set")
-    if not t.dataset:
-        raise ValueError("training.dataset is required: a folder written by `llamazoo prepare` or generative_data_prep")
-    if cfg.model.dtype not in ("auto", {"fp32": "float32", "bf16": "bfloat16"}[t.dtype]):
-        raise ValueError(f"model.dtype is {cfg.model.dtype} but training.dtype is {t.dtype}; set training.dtype "
-                         "(fp32 or bf16) and leave model.dtype as auto")
-    if t.tensorboard:
-        try:
-            importlib.import_module("torch.utils.tensorboard")
-        except ImportError:
-            raise ValueError("training.tensorboard is true but the tensorboard package is not installed; "
-                             "`pip install tensorboard` or set training.tensorboard=false") from None
-    rank, world = _dp_rank_world(hooks)
-    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
-    world_size = torch.distributed.get_world_size() if dist_on else 1  # all processes: DP x TP
-    is_main = hooks.checkpoint_io.is_writer and rank == 0
-    output_dir = Path(t.output_dir)
-    check_output_dir(output_dir)
-
-    ds = PreparedDataset(t.dataset, cfg.model.max_seq_length)
-    if t.batch_size * world > len(ds.train):
-        raise ValueError(f"training.batch_size {t.batch_size}" + (f" x {world} data-parallel ranks" if world > 1 else "")
-                         + f" is larger than the {len(ds.train)} training rows in {ds.folder}"
-                         + (f" (metadata.yaml max_batch_size_train: {ds.metadata['max_batch_size_train']})"
-                            if ds.metadata.get("max_batch_size_train") is not None else ""))
-    device = torch.device(cfg.model.torch_device())
-    bf16 = t.dtype == "bf16"
-    weights_dtype = torch.bfloat16 if bf16 and not hooks.handles_mixed_precision else torch.float32
-
-    torch.manual_seed(t.seed)
-    source = ck.model_name_or_path or ck.config_name
-    model = load_model(source, dtype=weights_dtype, device=device, opts=cfg.model.precision_options(), seed=t.seed)
-    vocab = ds.metadata.get("vocab_size")
-    if vocab is not None and int(vocab) > model.config.vocab_size:
-        raise ValueError(f"the dataset {ds.folder} was tokenized with a vocabulary of {vocab} tokens but the model "
-                         f"({source}) has vocab_size {model.config.vocab_size}")
-    tokenizer = None
-    if ck.model_name_or_path:
-        from llamazoo.io.default import resolve_checkpoint
-
-        folder = resolve_checkpoint(ck.model_name_or_path, need_weights=False)
-        if Path(folder).is_dir() and has_tokenizer(folder):
-            tokenizer = load_tokenizer(folder)
-    if tokenizer is None and ds.tokenizer_dir is not None and has_tokenizer(ds.tokenizer_dir):
-        tokenizer = load_tokenizer(ds.tokenizer_dir)
-    if tokenizer is None:
-        _log("no tokenizer in the checkpoint or the dataset folder; the output folder will have none", is_main)
-
-    sampler = BatchSampler(len(ds.train), t.batch_size, t.seed, rank, world)
-    micro_total = t.num_epochs * sampler.batches_per_epoch
-    total_steps = -(-micro_total // t.grad_accumulation_steps)
-    if t.end_early_at_step:
-        total_steps = min(total_steps, t.end_early_at_step)
-
-    resume_path = resolve_resume(t.resume_from, output_dir)
-    train_state: dict[str, Any] = {}
-    io = hooks.checkpoint_io
-    sharded_resume = resume_path is not None and io.sharded
-    if sharded_resume and not is_sharded_checkpoint(resume_path):
-        raise ValueError(f"training.resume_from: {resume_path} was written by a single-process run; a parallel run "
-                         f"resumes only from its own (torch.distributed.checkpoint) checkpoints at the same world size")
-    if resume_path is not None and not sharded_resume:
-        sd, train_state = load_checkpoint(resume_path)
-        io.load_model_state_dict(model, sd)
-        del sd
-        _log(f"resuming from {resume_path} (step {train_state['step']})", is_main)
-    elif t.resume_from == "auto":
-        _log(f"resume_from=auto: no checkpoint in {output_dir / 'checkpoints'} yet; starting fresh", is_main)
-
-    model.train()
-    if t.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    core = model
-    if hooks.parallelize is not None:
-        model = hooks.parallelize(model, cfg)
-    if t.compile:
-        compile_layers(model)
-
-    master = MasterWeights(core) if weights_dtype != torch.float32 else None
-    optimizer = build_optimizer(core if hooks.parallelize is None else model, t.learning_rate, t.weight_decay, master)
-    scheduler = scheduler_for(optimizer, t.lr_schedule, t.learning_rate, t.min_lr, t.warmup_steps, total_steps)
-    step, tokens_seen, train_seconds = 0, 0, 0.0
-    if sharded_resume:  # after parallelizing: every rank reads its own shards
-        train_state = load_sharded_checkpoint(resume_path, core, optimizer, master)
-        _log(f"resuming from {resume_path} (step {train_state['step']})", is_main)
-    elif train_state:
-        io.load_optimizer_state_dict(model, optimizer, train_state["optimizer"])
-        if master is not None:
-            master.load_state_dict(train_state["master_weights"])
-    if train_state:
-        scheduler.load_state_dict(train_state["scheduler"])
-        sampler.load_state_dict(train_state["sampler"])
-        set_rng_state(train_state["rng"])
-        step, tokens_seen, train_seconds = train_state["step"], train_state["tokens_seen"], train_state["train_seconds"]
-
-    metrics = MetricsLog(output_dir, resume_step=step, tensorboard=t.tensorboard) if is_main else None
-    if is_main:
-        (output_dir / "train_config.yaml").write_text(_config_yaml(cfg))
-    evaluate_on = t.evaluate and ds.dev is not None and len(ds.dev) > 0
-    if t.evaluate and not evaluate_on:
-        _log(f"training.evaluate: {ds.folder} has no dev rows; skipping evaluation", is_main)
-
-    def state_now() -> dict[str, Any]:
-        return {"step": step, "total_steps": total_steps, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
-                "sampler": sampler.state_dict(), "scheduler": scheduler.state_dict(),
-                "dp_world_size": world, "world_size": world_size, "tensor_parallel": world_size // world}
-
-    def checkpoint_now() -> Path | None:
-        return save_checkpoint(output_dir, step, core, state_now(), io, optimizer, t.keep_last_checkpoints,
-                               tokenizer, master)
-
-    last_ckpt: Path | None = resume_path
-    dev_loss: float | None = None
-    losses: list[float] = []
-    micro_done = step * t.grad_accumulation_steps
-    L = ds.max_seq_length
-    bar = None
-    if progress and is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
-    interrupted = None
-    params = [p for p in model.parameters() if p.requires_grad]
-    if evaluate_on and step == 0:  # the baseline, so that the first dev loss has something to compare with
-        dev_loss, n_tok = evaluate(model, ds, t, device, rank, world, hooks)
-        if metrics is not None:
-            ppl = metrics.eval(0, dev_loss, n_tok)
-            _log(f"before training: dev loss {dev_loss:.4f}, perplexity {ppl:.3f}", is_main)
+    trainer = Trainer(cfg, hooks, progress)
     try:
-        with _StopSignal() as stop:
-            while step < total_steps:
-                t0 = time.perf_counter()
-                n_micro = min(t.grad_accumulation_steps, micro_total - micro_done)
-                batches = []
-                for _ in range(n_micro):
-                    _, _, rows = sampler.next()
-                    ids, types = ds.train.read(rows)
-                    batches.append(make_batch(ids, types, t, device))
-                weight_total = torch.stack([b.weight_sum for b in batches]).sum().double().reshape(1)
-                _all_reduce_sum(weight_total, hooks.dp_group)
-                denom = weight_total.clamp_min(1e-12).float()
-                scale = world if (world > 1 and hooks.grads_averaged) else 1
-                step_sum = torch.zeros((), dtype=torch.float64, device=device)
-                for i, b in enumerate(batches):
-                    with _micro_context(model, i == len(batches) - 1):
-                        s, _ = loss_sums(model, b, hooks.full_logits)
-                        (s / denom * scale).backward()
-                    step_sum += s.detach().double()
-                step_loss_t = _all_reduce_sum(step_sum.reshape(1), hooks.dp_group) / weight_total.clamp_min(1e-12)
-                step_loss = step_loss_t.item()
-                if master is not None:
-                    master.grads_to_master()
-                gnorm = clip_grad_norm(master.master if master is not None else params, t.max_grad_norm).item()
-                if not math.isfinite(step_loss) or not math.isfinite(gnorm):
-                    what = "loss" if not math.isfinite(step_loss) else "gradient norm"
-                    value = step_loss if what == "loss" else gnorm
-                    where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else \
-                        " (no checkpoint was saved; set training.save_every_steps to keep some)"
-                    raise TrainingError(f"step {step + 1}: non-finite {what} ({value}); stopped without applying it"
-                                        f"{where}. Try a lower training.learning_rate, training.max_grad_norm, or "
-                                        "training.dtype=fp32")
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if master is not None:
-                    master.master_to_model()
-                step += 1
-                micro_done += n_micro
-                rows_global = sum(b.rows for b in batches) * world
-                step_tokens = rows_global * L
-                tokens_seen += step_tokens
-                dt = time.perf_counter() - t0
-                train_seconds += dt
-                losses.append(step_loss)
-                if metrics is not None:
-                    metrics.step(step, step_tokens, step_loss, lr, dt, gnorm)
-                if hooks.on_step_end is not None:
-                    hooks.on_step_end(step, {"loss": step_loss, "lr": lr, "grad_norm": gnorm, "tokens": step_tokens,
-                                             "seconds": dt})
-                if bar is not None:
-                    bar.update(1)
-                    if step % t.log_every_steps == 0 or step == total_steps:
-                        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}")
-                if evaluate_on and t.eval_every_steps and step % t.eval_every_steps == 0 and step < total_steps:
-                    dev_loss, n_tok = evaluate(model, ds, t, device, rank, world, hooks)
-                    if metrics is not None:
-                        ppl = metrics.eval(step, dev_loss, n_tok)
-                        _log(f"step {step}: dev loss {dev_loss:.4f}, perplexity {ppl:.3f}", is_main)
-                if (t.save_every_steps and step % t.save_every_steps == 0) or (stop.signum and step < total_steps):
-                    last_ckpt = checkpoint_now() or last_ckpt
-                if stop.signum:
-                    interrupted = signal.Signals(stop.signum).name
-                    break
+        return trainer.fit()
     finally:
-        if bar is not None:
-            bar.close()
-    if interrupted:
-        _log(f"{interrupted}: saved a resumable checkpoint at step {step} in {last_ckpt}; continue with "
-             f"training.resume_from=auto", is_main)
-        if metrics is not None:
-            metrics.close()
-        ds.close()
-        return {"step": step, "interrupted": interrupted, "checkpoint": str(last_ckpt), "losses": losses}
-
-    if evaluate_on:
-        dev_loss, n_tok = evaluate(model, ds, t, device, rank, world, hooks)
-        if metrics is not None:
-            ppl = metrics.eval(step, dev_loss, n_tok)
-            _log(f"dev loss {dev_loss:.4f}, perplexity {ppl:.3f}", is_main)
-    if t.save_every_steps and (last_ckpt is None or not str(last_ckpt).endswith(f"step_{step}")):
-        last_ckpt = checkpoint_now() or last_ckpt
-    io.publish_hf_folder(output_dir, core, tokenizer)  # every rank: a parallel IO gathers one tensor at a time
-    if is_main:
-        fields = {
-            "Number of epochs": t.num_epochs,
-            "Per worker batch size": t.batch_size,
-            "Per worker number of batches (steps)": step,
-            "Number of DP workers": world,
-            "Gradient accumulation steps": t.grad_accumulation_steps,
-            "Total tokens seen": tokens_seen,
-            "Tokens per second": f"{tokens_seen / max(train_seconds, 1e-9):.2f}",
-            "Average time per step": f"{train_seconds / max(step, 1):.6f}",
-            "Final train loss": f"{losses[-1]:.6f}" if losses else "n/a",
-        }
-        if dev_loss is not None:
-            fields["Dev loss"] = f"{dev_loss:.6f}"
-            fields["Dev perplexity"] = f"{perplexity(dev_loss):.6f}"
-        write_summary(output_dir, fields, cfg.model.model_dump())
-        _log(f"done: {step} steps; model, summary.txt and per_step_metrics.csv in {output_dir}", is_main)
-    if metrics is not None:
-        metrics.close()
-    ds.close()
-    return {"step": step, "interrupted": None, "dev_loss": dev_loss, "losses": losses, "output_dir": str(output_dir),
-            "checkpoint": str(last_ckpt) if last_ckpt else None}
-
-
-def _config_yaml(cfg: TrainConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+        trainer.close()
