@@ -17,7 +17,7 @@ writes them, and the data-parallel group comes from the hooks or torch.distribut
 Fine-tuning methods (LoRA, QLoRA) plug in at three `Trainer` methods: `prepare_model` (add adapters,
 freeze the base: what is trained is exactly what has requires_grad afterwards, for the optimizer's
 param groups, the fp32 master weights and gradient clipping alike), `build_optimizer`, and
-`write_output` (the final folder: a HF model folder here).
+`write_output` (the final folder: a whole HF model folder here, an adapter folder for LoRA).
 """
 from __future__ import annotations
 
@@ -121,8 +121,8 @@ class Trainer:
     releases the dataset files and logs.
 
     The set-up order matters: config errors come out in the order users meet them; a single-process
-    checkpoint's weights are loaded before the model is parallelized, optimizer state once the
-    optimizer exists, and a sharded checkpoint into the parallelized model."""
+    checkpoint's weights are loaded into the prepared model before it is parallelized, optimizer state
+    once the optimizer exists, and a sharded checkpoint into the parallelized model."""
 
     def __init__(self, cfg: TrainConfig, hooks: TrainHooks | None = None, progress: bool = True):
         self.cfg, self.t = cfg, cfg.training
@@ -148,8 +148,9 @@ class Trainer:
         self.micro_total, self.total_steps = step_budget(cfg, self.sampler.batches_per_epoch)
         self.counters = Counters()
 
+        self.core = self.prepare_model(self.core)
         resumed = self._resume_weights()
-        self.model = self.prepare_model(self.core)  # what forward runs through (maybe wrapped)
+        self.model = self.wrap_model(self.core)  # what forward runs through (maybe wrapped)
         self.optimizer, self.master = self.build_optimizer()
         self.trained = self.trainable_parameters()  # clipped directly when there are no fp32 master copies
         self.scheduler = optim.scheduler_for(self.optimizer, t.lr_schedule, t.learning_rate, t.min_lr, t.warmup_steps,
@@ -165,9 +166,15 @@ class Trainer:
 
     # -- what a fine-tuning method changes -------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """The loaded model (weights in place) -> the module the loop runs: train mode, activation
-        checkpointing, the parallel wrapper, compiled layers. Adapters and frozen weights belong
-        before the wrapper: it shards what requires grad."""
+        """The loaded model -> the model to train. Full fine-tuning trains every weight as loaded; a
+        method such as LoRA adds its adapters and freezes the base here (requires_grad decides what
+        the optimizer, the fp32 master weights and clipping see). Runs before a resumed checkpoint's
+        weights are loaded, so that they match what this returns, and before the parallel wrapper."""
+        return model
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The model to train -> the module the loop runs: train mode, activation checkpointing, the
+        parallel wrapper (DDP / FSDP2 / TP through the hooks), compiled layers."""
         model.train()
         if self.t.activation_checkpointing:
             enable_activation_checkpointing(model)
