@@ -1,8 +1,7 @@
-"""Shared fixtures: tiny random HF models saved by transformers, the tokenizer folders in tests/data, the
-default model."""
+"""Shared fixtures: tiny random HF models saved by transformers, the tokenizer folders in tests/data (and a
+SentencePiece one trained on the fly), example inputs written by tests/generated_data.py, the default model."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 TOKENIZERS = DATA / "tokenizers"
-SHARED = Path(os.environ.get("LLAMAZOO_SHARED", REPO.parent / "shared")).resolve()
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=1,
@@ -54,15 +52,15 @@ def default_model_dir() -> Path:
     return ensure_default_model()
 
 
-@pytest.fixture(scope="session")
-def shared() -> Path:
-    assert SHARED.is_dir(), f"shared folder not found at {SHARED} (set LLAMAZOO_SHARED)"
-    return SHARED
-
-
 def tokenizer_folder(name: str, root: Path) -> Path:
     """A HF tokenizer folder from tests/data/tokenizers. The chat variants of GPT-2 keep only their
-    tokenizer_config.json there (the chat template); the rest is GPT-2's, copied in under `root`."""
+    tokenizer_config.json there (the chat template); the rest is GPT-2's, copied in under `root`.
+    "sentencepiece" is a SentencePiece model with Llama-2's settings, trained under `root` on first use."""
+    if name == "sentencepiece":
+        from generated_data import write_sentencepiece_tokenizer
+
+        out = root / name
+        return out if out.is_dir() else write_sentencepiece_tokenizer(out)
     src = TOKENIZERS / name
     if not src.is_dir():
         raise FileNotFoundError(f"no tokenizer {name!r} in {TOKENIZERS}")
@@ -80,9 +78,20 @@ def tokenizer_folder(name: str, root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizers(tmp_path_factory):
-    """Factory: tokenizers("gpt2" | "gpt2-chat-chatml" | "gpt2-chat-llama31tmpl") -> a HF folder."""
+    """Factory: tokenizers("gpt2" | "gpt2-chat-chatml" | "gpt2-chat-llama31tmpl" | "sentencepiece") -> a
+    tokenizer folder."""
     root = tmp_path_factory.mktemp("tokenizers")
     return lambda name: tokenizer_folder(name, root)
+
+
+@pytest.fixture(scope="session")
+def examples(tmp_path_factory) -> Path:
+    """A folder of example inputs in generative_data_prep's shapes (see tests/generated_data.py):
+    pretraining.txt, generative_tuning.jsonl, metaICL.jsonl, dialogue.jsonl, category.jsonl +
+    categories.json, json_load_error.jsonl."""
+    from generated_data import write_examples
+
+    return write_examples(tmp_path_factory.mktemp("examples"))
 
 
 @pytest.fixture

@@ -105,13 +105,13 @@ def test_random_init_from_named_config_and_config_json(tmp_path):
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
 
 
-def test_save_model_writes_tokenizer(tmp_path, shared):
+def test_save_model_writes_tokenizer(tmp_path, tokenizers):
     from llamazoo.io.tokenizer import load_tokenizer
 
     model = llamazoo.load_model("tiny")
-    out = llamazoo.save_model(model, tmp_path / "with_tok", tokenizer=load_tokenizer(shared / "tokenizers" / "gpt2"))
+    out = llamazoo.save_model(model, tmp_path / "with_tok", tokenizer=load_tokenizer(tokenizers("gpt2")))
     assert (out / "tokenizer.json").is_file()
-    assert load_tokenizer(out).encode("hello world") == load_tokenizer(shared / "tokenizers" / "gpt2").encode("hello world")
+    assert load_tokenizer(out).encode("hello world") == load_tokenizer(tokenizers("gpt2")).encode("hello world")
 
 
 def test_save_replaces_existing_folder_atomically(tmp_path):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import h5py
@@ -12,17 +11,15 @@ import pytest
 from llamazoo.data.inspect import inspect_dataset, render_row
 from llamazoo.data.pipeline import PrepareOptions, load_tokenizer_and_type, prepare, prepare_single_file
 
-SHARED = Path(os.environ.get("LLAMAZOO_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-TOK = SHARED / "tokenizers"
 EOS = 50256
 CONV = [{"prompt": "Hi there", "completion": "Hello!"}, {"prompt": "How?", "completion": "Fine."}]
 
 
-def chat_rows(tmp_path: Path, tokenizer: str, **kw) -> tuple[list[int], list[int]]:
+def chat_rows(tmp_path: Path, tokenizer: Path, **kw) -> tuple[list[int], list[int]]:
     src = tmp_path / "c.jsonl"
     src.write_text(json.dumps(CONV) + "\n")
-    out = tmp_path / f"{tokenizer}.hdf5"
-    prepare_single_file(PrepareOptions(input_path=str(src), output_path=str(out), pretrained_tokenizer=str(TOK / tokenizer),
+    out = tmp_path / f"{tokenizer.name}.hdf5"
+    prepare_single_file(PrepareOptions(input_path=str(src), output_path=str(out), pretrained_tokenizer=str(tokenizer),
                                        max_seq_length=128, apply_chat_template=True, progress=False, **kw),
                         out=lambda s: None)
     with h5py.File(out, "r") as f:
@@ -41,18 +38,18 @@ def spans_text(hf, ids, types) -> list[tuple[int, str]]:
     return out
 
 
-def test_chatml_template_spans(tmp_path):
-    hf = load_tokenizer_and_type(str(TOK / "gpt2-chat-chatml"))[0].hf
-    ids, types = chat_rows(tmp_path, "gpt2-chat-chatml")
+def test_chatml_template_spans(tmp_path, tokenizers):
+    hf = load_tokenizer_and_type(str(tokenizers("gpt2-chat-chatml")))[0].hf
+    ids, types = chat_rows(tmp_path, tokenizers("gpt2-chat-chatml"))
     assert spans_text(hf, ids, types) == [
         (0, "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"), (1, "Hello!<|im_end|>\n<|endoftext|>"),
         (0, "<|im_start|>user\nHow?<|im_end|>\n<|im_start|>assistant\n"), (1, "Fine.<|im_end|>\n"),
         (3, "<|endoftext|>")]
 
 
-def test_llama31_style_template_puts_first_turn_bos_once_and_drops_dangling_header(tmp_path):
-    hf = load_tokenizer_and_type(str(TOK / "gpt2-chat-llama31tmpl"))[0].hf
-    ids, types = chat_rows(tmp_path, "gpt2-chat-llama31tmpl")
+def test_llama31_style_template_puts_first_turn_bos_once_and_drops_dangling_header(tmp_path, tokenizers):
+    hf = load_tokenizer_and_type(str(tokenizers("gpt2-chat-llama31tmpl")))[0].hf
+    ids, types = chat_rows(tmp_path, tokenizers("gpt2-chat-llama31tmpl"))
     assert ids[0] == EOS and ids.count(EOS) == 3   # template BOS once + one EOS after each pair
     assert spans_text(hf, ids, types) == [
         (0, "<|endoftext|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
@@ -61,17 +58,17 @@ def test_llama31_style_template_puts_first_turn_bos_once_and_drops_dangling_head
         (1, "Fine.<|eot_id|>"), (3, "<|endoftext|>")]
 
 
-def test_chat_template_without_template_is_a_clear_error(tmp_path):
+def test_chat_template_without_template_is_a_clear_error(tmp_path, tokenizers):
     with pytest.raises(ValueError, match="--apply_chat_template: the tokenizer has no chat_template"):
-        chat_rows(tmp_path, "gpt2")
+        chat_rows(tmp_path, tokenizers("gpt2"))
 
 
-def test_inspect_data_reports_shapes_counts_and_marked_rows(tmp_path, capsys):
+def test_inspect_data_reports_shapes_counts_and_marked_rows(tmp_path, capsys, tokenizers):
     src = tmp_path / "d.jsonl"
     src.write_text(json.dumps({"prompt": "hello how", "completion": "are you"}) + "\n" +
                    json.dumps({"prompt": "hi", "completion": "bye"}) + "\n")
     out = tmp_path / "ds"
-    prepare(PrepareOptions(input_path=str(src), output_path=str(out), pretrained_tokenizer=str(TOK / "gpt2"),
+    prepare(PrepareOptions(input_path=str(src), output_path=str(out), pretrained_tokenizer=str(tokenizers("gpt2")),
                            max_seq_length=8, num_training_splits=2, num_workers=1, progress=False,
                            input_packing_config="single::drop"), out=lambda s: None)
     report = inspect_dataset(out, rows=1, files=2)
@@ -83,7 +80,7 @@ def test_inspect_data_reports_shapes_counts_and_marked_rows(tmp_path, capsys):
 
     p = argparse.ArgumentParser(prog="llamazoo inspect-data")
     cmd.add_arguments(p)
-    assert cmd.run(p.parse_args([str(out / "train_2_of_2.hdf5"), "--tokenizer", str(TOK / "gpt2")])) == 0
+    assert cmd.run(p.parse_args([str(out / "train_2_of_2.hdf5"), "--tokenizer", str(tokenizers("gpt2"))])) == 0
     assert "<prompt>hi</prompt>" in capsys.readouterr().out
     with h5py.File(out / "train_1_of_2.hdf5", "r") as f:
         assert render_row(f["input_ids"][0], f["token_type_ids"][0], None).startswith("<prompt>31373 703</prompt>")

@@ -1,10 +1,10 @@
 """Tokens and rows of `llamazoo data_prep` (single-file mode): exact values, and every packing config x
-boundary against a plain token-by-token model of generative_data_prep's rules (../shared/docs/hdf5-format.md).
+boundary against a plain token-by-token model of generative_data_prep's rules, on the example inputs of
+tests/generated_data.py.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import h5py
@@ -15,10 +15,7 @@ from llamazoo.data.articles import ArticleBuilder, ArticleOptions
 from llamazoo.data.packing import PACKING_CHOICES, Packer, PackingConfig
 from llamazoo.data.pipeline import PrepareOptions, load_tokenizer_and_type, prepare_single_file
 
-SHARED = Path(os.environ.get("LLAMAZOO_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-EX = SHARED / "data" / "gdp-examples"
-GPT2 = str(SHARED / "tokenizers" / "gpt2")
-LLAMA2 = str(SHARED / "tokenizers" / "llama2")
+GPT2 = str(Path(__file__).parent / "data" / "tokenizers" / "gpt2")
 EOS = 50256
 
 
@@ -75,11 +72,12 @@ def test_prefix_postfix_wrap_only_nonempty_prompts(tmp_path):
     assert got["input_ids"][1].tolist()[:2] == [33847, EOS]
 
 
-def test_llama2_bos_before_each_prompt_and_kept_on_prompt_less_completion(tmp_path):
+def test_sentencepiece_bos_before_each_prompt_and_kept_on_prompt_less_completion(tmp_path, tokenizers):
+    sp = str(tokenizers("sentencepiece"))  # Llama-2's settings: BOS 1 added to every text, EOS 2, no pad
     src = write_jsonl(tmp_path / "a.jsonl", [[{"prompt": "Hi", "completion": "Yo"}, {"prompt": "Ok", "completion": "No"}],
                                              {"prompt": "", "completion": "Yo"}])
-    got = run_single(tmp_path, src, tokenizer=LLAMA2, max_seq_length=16, input_packing_config="single::drop")
-    hf = load_tokenizer_and_type(LLAMA2)[0].hf
+    got = run_single(tmp_path, src, tokenizer=sp, max_seq_length=16, input_packing_config="single::drop")
+    hf = load_tokenizer_and_type(sp)[0].hf
     hi, yo, ok, no = hf.encode("Hi"), hf.encode(" Yo"), hf.encode("Ok"), hf.encode(" No")
     assert hi[0] == 1 and yo[0] == 1  # the tokenizer adds BOS to every text
     row0 = hi + yo[1:] + [2] + ok + no[1:] + [2]
@@ -229,10 +227,10 @@ CASES = [("dialogue.jsonl", 40), ("generative_tuning.jsonl", 24), ("metaICL.json
 @pytest.mark.parametrize("config", PACKING_CHOICES)
 @pytest.mark.parametrize("packing_boundary", ["jsonl", "prompt_completion_pair"])
 @pytest.mark.parametrize("attention_boundary", ["jsonl", "prompt_completion_pair"])
-def test_rows_equal_token_by_token_reference(tmp_path, config, packing_boundary, attention_boundary):
+def test_rows_equal_token_by_token_reference(tmp_path, examples, config, packing_boundary, attention_boundary):
     hf = load_tokenizer_and_type(GPT2)[0].hf
     for name, n_lines in CASES:
-        lines = (EX / name).read_text(encoding="utf-8").splitlines(keepends=True)[:n_lines]
+        lines = (examples / name).read_text(encoding="utf-8").splitlines(keepends=True)[:n_lines]
         src = tmp_path / name
         src.write_text("".join(lines), encoding="utf-8")
         kind = "txt" if name.endswith(".txt") else "jsonl"

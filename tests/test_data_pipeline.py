@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 
@@ -15,9 +14,7 @@ import yaml
 from llamazoo.data.pipeline import (PrepareOptions, balance_hdf5_files, load_tokenizer_and_type, prepare,
                                     split_counts)
 
-SHARED = Path(os.environ.get("LLAMAZOO_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-EX = SHARED / "data" / "gdp-examples"
-GPT2 = str(SHARED / "tokenizers" / "gpt2")
+GPT2 = str(Path(__file__).parent / "data" / "tokenizers" / "gpt2")
 EOS = 50256
 
 
@@ -120,24 +117,24 @@ def test_balance_moves_tail_rows_in_file_order(tmp_path):
     assert got_types == got
 
 
-def test_balanced_pipeline_files_differ_by_at_most_one_row(tmp_path):
-    res = run(tmp_path, EX / "generative_tuning.jsonl", num_training_splits=3, input_packing_config="greedy::drop")
+def test_balanced_pipeline_files_differ_by_at_most_one_row(tmp_path, examples):
+    res = run(tmp_path, examples / "generative_tuning.jsonl", num_training_splits=3, input_packing_config="greedy::drop")
     sizes = [len(rows(res.output_path / f"train_{i}_of_3.hdf5")) for i in (1, 2, 3)]
     assert max(sizes) - min(sizes) <= 1 and res.metadata["max_batch_size_train"] == min(sizes)
     assert sum(sizes) == res.metadata["train_sequences"]
-    unbalanced = run(tmp_path, EX / "generative_tuning.jsonl", name="u", num_training_splits=3,
+    unbalanced = run(tmp_path, examples / "generative_tuning.jsonl", name="u", num_training_splits=3,
                      input_packing_config="greedy::drop", do_not_balance_hdf5=True)
     assert sum(len(rows(unbalanced.output_path / f"train_{i}_of_3.hdf5")) for i in (1, 2, 3)) == sum(sizes)
 
 
-def test_folder_input_and_workers_give_the_same_rows(tmp_path):
+def test_folder_input_and_workers_give_the_same_rows(tmp_path, examples):
     folder = tmp_path / "in"
     folder.mkdir()
-    lines = (EX / "dialogue.jsonl").read_text().splitlines(keepends=True)
+    lines = (examples / "dialogue.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     (folder / "a.jsonl").write_text("".join(lines[:20]))
     (folder / "b.jsonl").write_text("".join(lines[20:]))
     (folder / "ignored.txt").write_text("not used\n")
-    one = run(tmp_path, EX / "dialogue.jsonl", name="one", num_training_splits=2, max_seq_length=64)
+    one = run(tmp_path, examples / "dialogue.jsonl", name="one", num_training_splits=2, max_seq_length=64)
     two = run(tmp_path, folder, name="two", num_training_splits=2, max_seq_length=64, num_workers=2)
     for f in ("train_1_of_2.hdf5", "train_2_of_2.hdf5"):
         assert rows(one.output_path / f) == rows(two.output_path / f)
@@ -172,17 +169,20 @@ def test_large_file_shuffle_is_seeded_complete_and_contiguous(tmp_path):
 # --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
-def test_malformed_json_names_file_and_line_and_leaves_no_output(tmp_path):
-    src = EX / "json_load_error.jsonl"
+def test_malformed_json_names_file_and_line_and_leaves_no_output(tmp_path, examples):
+    src = examples / "json_load_error.jsonl"
     with pytest.raises(ValueError, match=rf"^{src}:\d+: not valid JSON \(Expecting ':' delimiter"):
         run(tmp_path, src, num_training_splits=2)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_ignore_input_format_error_skips_counts_and_lists_bad_lines(tmp_path):
-    src = EX / "json_load_error.jsonl"
-    bad = []
-    for i, line in enumerate(src.read_text().splitlines()):
+def test_ignore_input_format_error_skips_counts_and_lists_bad_lines(tmp_path, examples):
+    src = examples / "json_load_error.jsonl"
+    bad, blank = [], 0
+    for i, line in enumerate(src.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            blank += 1  # blank lines are skipped: neither articles nor errors
+            continue
         try:
             json.loads(line)
         except json.JSONDecodeError:
@@ -191,7 +191,8 @@ def test_ignore_input_format_error_skips_counts_and_lists_bad_lines(tmp_path):
     log = (res.output_path / "json_load_failed_lines.log").read_text().splitlines()
     assert [int(x.split(":")[1]) for x in log] == bad and res.failed_lines == len(bad)
     assert all(x.startswith(f"{src}:") for x in log)
-    assert res.metadata["train_articles"] == 100 - len(bad)
+    assert len(bad) == 3 and blank == 1
+    assert res.metadata["train_articles"] == 100 - blank - len(bad)
 
 
 def test_missing_completion_and_bad_utf8_name_file_and_line(tmp_path):
@@ -228,13 +229,14 @@ def test_unknown_category_names_the_line(tmp_path):
         run(tmp_path, src, num_training_splits=1, categories_path=str(cats))
 
 
-def test_categories_example_writes_category_ids_and_mapping(tmp_path):
-    res = run(tmp_path, EX / "category.jsonl", num_training_splits=2, categories_path=str(EX / "categories.json"))
+def test_categories_example_writes_category_ids_and_mapping(tmp_path, examples):
+    res = run(tmp_path, examples / "category.jsonl", num_training_splits=2,
+              categories_path=str(examples / "categories.json"))
     assert json.loads((res.output_path / "category_to_id.json").read_text()) == \
-        {"example_category_1": 0, "example_category_2": 1, "example_category_3": 2}
+        {"arithmetic": 0, "geography": 1, "spelling": 2}
     cats = np.array(rows(res.output_path / "train_1_of_2.hdf5", "category_ids"))
     types = np.array(rows(res.output_path / "train_1_of_2.hdf5", "token_type_ids"))
-    assert set(np.unique(cats[types != 2])) <= {0, 1, 2} and (cats[types == 2] == -1).all()
+    assert set(np.unique(cats[types != 2])) == {0, 1, 2} and (cats[types == 2] == -1).all()
 
 
 def test_command_line_flags_reach_the_pipeline(tmp_path, capsys):

@@ -147,11 +147,12 @@ def test_stop_strings_in_engine(tmp_path):
     assert got.text == free.text[:first]
 
 
-def test_stream_decoder_multibyte_and_sentencepiece_spaces(default_model_dir, shared):
+def test_stream_decoder_multibyte_and_sentencepiece_spaces(default_model_dir, tokenizers):
     from llamazoo.io.tokenizer import load_tokenizer
 
+    # SmolLM2's byte-level BPE, and SentencePiece: "▁" spaces, byte-fallback pieces for 🦙 and —
     text = " Llamas 🦙 live in the Andes — très haut, 日本語 too.\n  Done"
-    for tok in (load_tokenizer(default_model_dir), load_tokenizer(shared / "tokenizers" / "llama2")):
+    for tok in (load_tokenizer(default_model_dir), load_tokenizer(tokenizers("sentencepiece"))):
         prompt = tok.encode("Hello")
         ids = tok.encode(text, add_special_tokens=False)
         dec = StreamDecoder(tok, prompt)

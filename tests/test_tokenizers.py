@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from generated_data import SENTENCEPIECE_VOCAB
 
 from llamazoo.io.tokenizer import load_tokenizer
 
@@ -26,9 +27,9 @@ def reference(folder):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama2", "smollm2"])
-def test_ids_match_autotokenizer(name, shared, default_model_dir):
-    folder = default_model_dir if name == "smollm2" else shared / "tokenizers" / name
+@pytest.mark.parametrize("name", ["gpt2", "sentencepiece", "smollm2"])
+def test_ids_match_autotokenizer(name, tokenizers, default_model_dir):
+    folder = default_model_dir if name == "smollm2" else tokenizers(name)
     ours, ref = load_tokenizer(folder), reference(folder)
     for s in varied_strings():
         assert ours.encode(s, add_special_tokens=False) == ref.encode(s, add_special_tokens=False), repr(s)
@@ -36,31 +37,38 @@ def test_ids_match_autotokenizer(name, shared, default_model_dir):
         assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
 
 
-def test_llama2_sentencepiece_matches_sentencepiece_and_adds_bos(shared):
+def test_sentencepiece_folder_matches_sentencepiece_and_adds_bos(tokenizers):
+    """A folder with only a tokenizer.model (Llama-2's layout; the model has Llama-2's settings, see
+    tests/generated_data.py) encodes exactly as SentencePiece itself, with Llama's BOS first."""
     import sentencepiece
 
-    tok = load_tokenizer(shared / "tokenizers" / "llama2")
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(shared / "tokenizers" / "llama2" / "tokenizer.model"))
-    assert (tok.bos_token_id, tok.eos_token_id, tok.vocab_size) == (1, 2, 32000)
+    folder = tokenizers("sentencepiece")
+    tok = load_tokenizer(folder)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.get_piece_size()) == (0, 1, 2, SENTENCEPIECE_VOCAB)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.vocab_size) == (1, 2, SENTENCEPIECE_VOCAB)
     assert tok.add_bos
     for s in varied_strings(200):
         if "<s>" in s or "</s>" in s:
             continue  # transformers parses these as special tokens, SentencePiece as text
         assert tok.encode(s) == [1] + sp.encode(s), repr(s)
-    assert tok.encode("Hello  world") == [1, 15043, 29871, 3186]
+    assert tok.convert_ids_to_tokens(tok.encode("Hello  world")) == ["<s>", "▁Hello", "▁", "▁world"]
+    # unseen characters fall back to bytes; digits are split
+    assert tok.convert_ids_to_tokens(tok.encode("🦙 42", add_special_tokens=False)) == \
+        ["▁", "<0xF0>", "<0x9F>", "<0xA6>", "<0x99>", "▁", "4", "2"]
     assert tok.decode(tok.encode("Hello  world\n  x"), skip_special_tokens=True) == "Hello  world\n  x"
 
 
-def test_gpt2_has_no_bos_and_pads_with_eos(shared):
-    tok = load_tokenizer(shared / "tokenizers" / "gpt2")
+def test_gpt2_has_no_bos_and_pads_with_eos(tokenizers):
+    tok = load_tokenizer(tokenizers("gpt2"))
     assert not tok.add_bos
     assert tok.eos_token_id == tok.bos_token_id == 50256
     assert tok.pad_token_id == 50256
 
 
 @pytest.mark.parametrize("folder", ["gpt2-chat-chatml", "gpt2-chat-llama31tmpl", "smollm2"])
-def test_chat_template_renders_like_transformers(folder, shared, default_model_dir):
-    path = default_model_dir if folder == "smollm2" else shared / "tokenizers" / folder
+def test_chat_template_renders_like_transformers(folder, tokenizers, default_model_dir):
+    path = default_model_dir if folder == "smollm2" else tokenizers(folder)
     ours, ref = load_tokenizer(path), reference(path)
     conversations = [
         [{"role": "user", "content": "Hi!"}],
@@ -73,8 +81,8 @@ def test_chat_template_renders_like_transformers(folder, shared, default_model_d
                 ref.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
 
 
-def test_no_chat_template_is_a_clear_error(shared):
-    tok = load_tokenizer(shared / "tokenizers" / "gpt2")
+def test_no_chat_template_is_a_clear_error(tokenizers):
+    tok = load_tokenizer(tokenizers("gpt2"))
     with pytest.raises(ValueError, match="no chat_template"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])
 

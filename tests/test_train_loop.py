@@ -16,12 +16,12 @@ def config(tmp_path, ds, model_args, *extra):
                                            "model.device=cpu", *extra])
 
 
-def test_tiny_model_overfits_text_and_writes_a_loadable_hf_folder(tmp_path, shared):
+def test_tiny_model_overfits_text_and_writes_a_loadable_hf_folder(tmp_path, tokenizers, examples):
     from llamazoo.io.tokenizer import load_tokenizer
 
-    tok_dir = shared / "tokenizers" / "gpt2"
+    tok_dir = tokenizers("gpt2")
     tok = load_tokenizer(tok_dir)
-    text = (shared / "data" / "gdp-examples" / "pretraining.txt").read_text().splitlines(keepends=True)[:2]
+    text = (examples / "pretraining.txt").read_text(encoding="utf-8").splitlines(keepends=True)[:2]
     arts = []
     for line in text:
         ids = tok.encode(line, add_special_tokens=False)[:40] + [tok.eos_token_id]

@@ -1,9 +1,11 @@
-"""The one real-model training test: `llamazoo prepare` on the dialogue example, then a short chat
-fine-tune of the embedded SmolLM2-135M-Instruct through the CLI; the dev loss must go down.
+"""The one real-model training test: `llamazoo prepare` on the dialogue example (templated help-desk
+conversations from tests/generated_data.py), then a short chat fine-tune of the embedded
+SmolLM2-135M-Instruct through the CLI; the dev loss must go down.
 
 Cost: two dozen optimizer steps at batch 1 process the same tokens as 12 steps at batch 2 (rows are
 trimmed to their own length rounded up to 32 instead of the longer row of a pair), for about the same
-CPU time (~30 s on one thread), and the dev loss falls by about 1.0 nats (2.83 -> ~1.75)."""
+CPU time (~30 s on one thread; 28 train rows of ~54 tokens), and the dev loss falls from 3.00 to ~0.09
+as the model learns the answers' templates."""
 from __future__ import annotations
 
 import csv
@@ -13,9 +15,9 @@ import torch
 from llamazoo.cli import main as cli_main
 
 
-def test_prepare_then_finetune_default_smollm2_lowers_dev_loss(tmp_path, shared, default_model_dir, capsys):
+def test_prepare_then_finetune_default_smollm2_lowers_dev_loss(tmp_path, examples, default_model_dir, capsys):
     data = tmp_path / "dialogue"
-    rc = cli_main(["prepare", "--input_path", str(shared / "data" / "gdp-examples" / "dialogue.jsonl"),
+    rc = cli_main(["prepare", "--input_path", str(examples / "dialogue.jsonl"),
                    "--output_path", str(data), "--max_seq_length", "256", "--input_packing_config",
                    "single::truncate_right", "--num_training_splits", "2", "--num_dev_splits", "1",
                    "--num_test_splits", "0", "--num_workers", "1", "--no_progress"])
