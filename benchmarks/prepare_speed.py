@@ -72,8 +72,9 @@ def main() -> None:
     ap.add_argument("--max_seq_length", type=int, default=2048)
     args = ap.parse_args()
 
-    from llamazoo.data.pipeline import (Origins, PrepareOptions, SplitWriters, deal_large_file, prepare,
-                                        split_layout)
+    from llamazoo.data.inputs import Origins
+    from llamazoo.data.pipeline import PrepareOptions, prepare
+    from llamazoo.data.splits import SplitWriters, deal_large_file, split_layout
 
     tmp = Path(tempfile.mkdtemp(prefix="llamazoo-bench-"))
     try:
