@@ -46,11 +46,20 @@ class ArticleOptions:
 
 @dataclass
 class Unit:
-    """One packing unit: a whole line, or one pair with packing_boundary=prompt_completion_pair."""
+    """One packing unit: a whole line, or one pair with packing_boundary=prompt_completion_pair.
+
+    A turn is a prompt/completion pair with prompt tokens (with a chat template: every pair); its
+    prompt is one run of type-0 tokens. `turns` counts those in the unit; `skipped_turns` and
+    `skipped_tokens` count the pairs with an empty completion that the prompt-only rule left out
+    (without --keep_prompt_only_sequences) and the tokens they would have had, so the metrics report them.
+    """
 
     ids: list[int] = field(default_factory=list)
     types: list[int] = field(default_factory=list)
     cats: list[int] = field(default_factory=list)
+    turns: int = 0
+    skipped_turns: int = 0
+    skipped_tokens: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -62,6 +71,7 @@ class _Pair:
     completion: str      # "" when there is no completion text to encode
     category: int
     chat: bool = False   # texts come from a chat template: encode without added special tokens
+    skipped: bool = False  # an empty completion left out by the prompt-only rule: encoded only to be counted
 
 
 class ChatSplitter:
@@ -78,6 +88,7 @@ class ChatSplitter:
             raise ValueError("--apply_chat_template: the tokenizer has no chat_template")
         self.hf = hf
         self.end_of_turn = self._probe_end_of_turn()
+        self._pieces: dict[int, list[str]] = {}
 
     def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -103,23 +114,50 @@ class ChatSplitter:
             marker = between[:n] if n < len(between) else ""
         return marker
 
+    def _template_pieces(self, n_messages: int) -> list[str]:
+        """The template's own text before each message's content (headers, end-of-turn markers, BOS, a
+        system block), found by rendering placeholders; cached per conversation length."""
+        pieces = self._pieces.get(n_messages)
+        if pieces is None:
+            marks = [f"QqM{i}sg7" for i in range(n_messages)]
+            roles = ["user", "assistant"] * (n_messages // 2)
+            skeleton = self.render([{"role": r, "content": m} for r, m in zip(roles, marks)], False)
+            pieces, cursor = [], 0
+            for m in marks:
+                pos = skeleton.find(m, cursor)
+                if pos < 0:
+                    raise ValueError("--apply_chat_template: the chat template does not render every message, "
+                                     "so its text cannot be split into prompts and completions")
+                pieces.append(skeleton[cursor:pos])
+                cursor = pos + len(m)
+            self._pieces[n_messages] = pieces
+        return pieces
+
     def split(self, prompts: list[str], completions: list[str], where: str) -> list[tuple[str, str]]:
+        """(prompt text, completion text) of each turn, cut from the rendered conversation.
+
+        Contents are located by position (the template's pieces between them), never by searching, so an
+        empty message or a short completion that also occurs in a header ("a", "user") lands where it is.
+        An empty completion becomes the end-of-turn marker alone, as in the original.
+        """
         messages: list[dict[str, str]] = []
         for p, c in zip(prompts, completions):
             messages += [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
         text = self.render(messages, False)
         spans, cursor = [], 0
-        for i, m in enumerate(messages):
+        for i, (m, piece) in enumerate(zip(messages, self._template_pieces(len(messages)))):
+            start = cursor + len(piece)
             content = m["content"]
-            pos = text.find(content, cursor) if content else cursor
-            if pos < 0 and content.strip():
-                content = content.strip()
-                pos = text.find(content, cursor)
-            if pos < 0:
-                raise InputFormatError(where, f"the chat template changes the text of message {i + 1}, "
-                                              "so it cannot be split into prompt and completion")
-            spans.append((pos, pos + len(content)))
-            cursor = pos + len(content)
+            if not text.startswith(piece, cursor):
+                raise InputFormatError(where, f"the chat template renders message {i + 1} differently from "
+                                              "the others, so it cannot be split into prompt and completion")
+            if not text.startswith(content, start):
+                content = content.strip()  # templates that trim the contents
+                if not text.startswith(content, start):
+                    raise InputFormatError(where, f"the chat template changes the text of message {i + 1}, "
+                                                  "so it cannot be split into prompt and completion")
+            spans.append((start, start + len(content)))
+            cursor = start + len(content)
         out, cursor = [], 0
         for k in range(len(prompts)):
             a_start, a_end = spans[2 * k + 1]
@@ -146,6 +184,9 @@ class ArticleBuilder:
         self.bos = hf.bos_token_id
         if self.eos is None:
             raise ValueError("the tokenizer has no EOS token, which every packed article ends with")
+        if options.apply_chat_template and (options.prompt_prefix or options.prompt_postfix):
+            raise ValueError("--prompt_prefix/--prompt_postfix cannot be combined with --apply_chat_template: "
+                             "the chat template writes the text around each prompt")
         self.chat = ChatSplitter(hf) if options.apply_chat_template else None
 
     # -- parsing ------------------------------------------------------------------------------
@@ -179,16 +220,14 @@ class ArticleBuilder:
                 category = opt.category_to_id[name]
             raw.append((prompt, completion, category))
         if self.chat is not None:
-            kept = [r for r in raw if r[1] or opt.keep_prompt_only_sequences]
-            if not kept:
+            if not raw:
                 return []
-            texts = self.chat.split([r[0] for r in kept], [r[1] for r in kept], where)
-            return [_Pair(p, c, r[2], True) for (p, c), r in zip(texts, kept)]
+            # every turn is kept: an empty completion still has the template's end-of-turn marker
+            texts = self.chat.split([r[0] for r in raw], [r[1] for r in raw], where)
+            return [_Pair(p, c, r[2], True) for (p, c), r in zip(texts, raw)]
         pairs = []
         for prompt, completion, category in raw:
-            if not completion and not opt.keep_prompt_only_sequences:
-                pairs.append(None)  # skipped, but keeps its place for the packing-boundary rule
-                continue
+            skipped = not completion and not opt.keep_prompt_only_sequences
             if not opt.disable_space_separator:
                 if prompt:
                     prompt = prompt.rstrip(" ")
@@ -196,7 +235,7 @@ class ArticleBuilder:
                     completion = " " + completion.lstrip(" ")
             if prompt:
                 prompt = (opt.prompt_prefix or "") + prompt + (opt.prompt_postfix or "")
-            pairs.append(_Pair(prompt, completion, category))
+            pairs.append(_Pair(prompt, completion, category, skipped=skipped))
         return pairs
 
     # -- tokens ------------------------------------------------------------------------------
@@ -213,7 +252,7 @@ class ArticleBuilder:
             return Unit()
         ids.append(eos)
         types = [PROMPT] * len(p_ids) + [COMPLETION] * (len(c_ids) + 1)
-        return Unit(ids, types, [pair.category] * len(ids))
+        return Unit(ids, types, [pair.category] * len(ids), turns=1 if p_ids else 0)
 
     def build(self, lines: Sequence[str], wheres: Sequence[str], kind: str,
               errors: Optional[list[InputFormatError]] = None) -> tuple[list[list[Unit]], int]:
@@ -221,7 +260,7 @@ class ArticleBuilder:
 
         With `errors` given, bad lines are appended there and give no units; otherwise the first raises.
         """
-        parsed: list[Optional[list]] = []
+        parsed: list[Optional[list[Any]]] = []
         texts: list[str] = []
         chat_texts: list[str] = []
         for line, where in zip(lines, wheres):
@@ -239,8 +278,6 @@ class ArticleBuilder:
                 continue
             parsed.append(pairs)
             for p in pairs:
-                if p is None:
-                    continue
                 bucket = chat_texts if p.chat else texts
                 if p.prompt:
                     bucket.append(p.prompt)
@@ -268,20 +305,24 @@ class ArticleBuilder:
             units: list[Unit] = []
             cur = Unit()
             for i, p in enumerate(pairs):
-                if p is not None:
-                    src = chat_it if p.chat else it
-                    p_ids = next(src) if p.prompt else []
-                    c_ids = next(src) if p.completion else []
-                    u = self._pair_tokens(p, p_ids, c_ids)
-                    n_tokens += len(u)
-                    cur.ids += u.ids
-                    cur.types += u.types
-                    cur.cats += u.cats
-                    if pcp_attn and cur.ids:
-                        cur.types[-1] = SEP
-                    if pcp_pack and i != len(pairs) - 1:
-                        units.append(cur)
-                        cur = Unit()
+                src = chat_it if p.chat else it
+                p_ids = next(src) if p.prompt else []
+                c_ids = next(src) if p.completion else []
+                u = self._pair_tokens(p, p_ids, c_ids)
+                n_tokens += len(u)
+                if p.skipped:  # left out (and no packing boundary), but counted as dropped
+                    cur.skipped_turns += u.turns
+                    cur.skipped_tokens += len(u)
+                    continue
+                cur.ids += u.ids
+                cur.types += u.types
+                cur.cats += u.cats
+                cur.turns += u.turns
+                if pcp_attn and cur.ids:
+                    cur.types[-1] = SEP
+                if pcp_pack and i != len(pairs) - 1:
+                    units.append(cur)
+                    cur = Unit()
             if cur.ids:
                 cur.types[-1] = SEP
             units.append(cur)

@@ -1,4 +1,11 @@
-"""Counts kept while preparing a dataset: the metadata.yaml values and the metrics table users read."""
+"""Counts kept while preparing a dataset: the metadata.yaml values and the metrics table users read.
+
+The token counts are the original's (metadata.yaml keeps exactly its keys). The turn counts are ours: a
+turn is a prompt/completion pair with prompt tokens (with --apply_chat_template every pair, the template
+writes a prompt), and it counts as dropped when none of its prompt tokens is written. So every turn read
+is in the output or in a dropped count: the number of prompt spans written is
+turns - turns_dropped_from_packing - turns_dropped_from_all_prompt.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -19,7 +26,10 @@ class Metrics:
     sequences: int = 0
     articles: int = 0              # input lines read (bad lines skipped with --ignore_input_format_error excluded)
     tokens_dropped_from_packing: int = 0
-    tokens_dropped_from_all_prompt: int = 0
+    tokens_dropped_from_all_prompt: int = 0   # also the tokens of pairs left out for an empty completion
+    turns: int = 0                 # pairs with prompt tokens read (not in metadata.yaml)
+    turns_dropped_from_packing: int = 0       # all prompt tokens cut by the overflow rule (drop, truncate_*)
+    turns_dropped_from_all_prompt: int = 0    # all prompt tokens in dropped rows, or left out for an empty completion
 
     def __iadd__(self, other: "Metrics") -> "Metrics":
         for f in fields(self):
@@ -49,6 +59,9 @@ class Metrics:
             ("Data Utilization", pct(used, self.input_tokens)),
             ("Dropped From Packing", pct(self.tokens_dropped_from_packing, self.input_tokens)),
             ("Dropped From All Prompt", pct(self.tokens_dropped_from_all_prompt, self.input_tokens)),
+            ("Turns", f"{self.turns}"),
+            ("Turns Dropped From Packing", f"{self.turns_dropped_from_packing}"),
+            ("Turns Dropped From All Prompt", f"{self.turns_dropped_from_all_prompt}"),
             ("Sequence Utilization", pct(used, self.output_tokens)),
             ("Sequence Completion Utilization", pct(self.completion_tokens, self.output_tokens)),
         ]

@@ -83,7 +83,7 @@ def tokenize_split(task: TokenizeTask) -> TokenizeResult:
     metrics = Metrics()
     errors: list[InputFormatError] = [] if w["ignore"] else None  # type: ignore[assignment]
     categories = opts.category_to_id is not None
-    packer = Packer(w["L"], w["pad"], w["packing"], categories)
+    packer = Packer(w["L"], w["pad"], w["packing"], categories, opts.keep_prompt_only_sequences, metrics)
     index = np.fromfile(task.idx_path, dtype=np.int64) if task.idx_path else None
     origins: Optional[Origins] = w["origins"]
 
@@ -92,7 +92,7 @@ def tokenize_split(task: TokenizeTask) -> TokenizeResult:
             return f"{task.source}:{i + 1}"
         return origins.where(int(index[i]))
 
-    writer = Hdf5RowWriter(task.output, w["L"], categories, opts.keep_prompt_only_sequences, metrics)
+    writer = Hdf5RowWriter(task.output, w["L"], categories, metrics)
     lines: list[str] = []
     wheres: list[str] = []
 
@@ -130,7 +130,6 @@ def tokenize_split(task: TokenizeTask) -> TokenizeResult:
         writer.write(*packer.take())
     finally:
         writer.close()
-    metrics.tokens_dropped_from_packing = packer.tokens_dropped
     return TokenizeResult(task, metrics, errors or [])
 
 
