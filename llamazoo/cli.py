@@ -6,6 +6,7 @@ KeyError and printed as one line; `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -84,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The console script and `python -m llamazoo`: a torchrun rank ends through the distributed exit path
-    (see llamazoo.distributed.mesh.exit_process); anything else exits normally. torch is not imported here."""
+    (see llamazoo.distributed.mesh.exit_process); anything else exits normally. torch is not imported here.
+    A torchrun rank also ends with its torchrun (a killed launcher must not leave ranks running)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        from llamazoo.io.lifetime import end_with_parent
+
+        end_with_parent(os.getppid(), kernel=False)  # torchrun's starting thread may end before it does
     code = main()
     if "llamazoo.distributed.mesh" in sys.modules:
         from llamazoo.distributed.mesh import exit_process

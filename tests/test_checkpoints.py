@@ -32,7 +32,7 @@ def test_llamazoo_save_transformers_load(hf_folder, tmp_path):
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
     assert cfg["torch_dtype"] == "float32"
     assert (out / "generation_config.json").is_file()
-    assert not list(tmp_path.glob(".saved.tmp-*")), "temporary folder left behind"
+    assert not list(tmp_path.glob(".saved.incomplete-*")), "temporary folder left behind"
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert (logits(hf, IDS) - logits(ours, IDS)).abs().max().item() <= 1e-5
 

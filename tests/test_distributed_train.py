@@ -119,7 +119,7 @@ def test_sharded_run_resumes_at_the_same_world_size_only(reference):
     assert len(resumed) == 2 and max(abs(a - b) for a, b in zip(resumed, ref[2:])) <= 1e-5
     # torch.distributed.checkpoint shards, written atomically: no HF weights gathered, no temp folder left
     assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
-    assert not list(ckpt.parent.glob(".tmp-*"))
+    assert not list(ckpt.parent.glob(".*.incomplete-*"))
     assert_same_training(reference, out, steps=slice(2, None))
     p = subprocess.run([sys.executable, "-m", "llamazoo", "train", "--no-progress",
                         *overrides(reference, reference / "one_resumed", GLOBAL_BATCH, f"training.resume_from={ckpt}")],

@@ -92,11 +92,11 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(reference):
     p = run_driver(base, out, "kill_in_save", 4)
     assert p.returncode == -9, p.stderr[-2000:]
     assert [c.step for c in list_checkpoints(out)] == [2]
-    assert list((out / "checkpoints").glob(".tmp-step_4-*"))  # the half-written one is hidden
+    assert list((out / "checkpoints").glob(".step_4.incomplete-*"))  # the half-written one is hidden
     sd, state = load_checkpoint(out / "checkpoints" / "step_2")
     assert state["step"] == 2 and "model.embed_tokens.weight" in sd
     assert resume(base, out) == ref
-    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert not list((out / "checkpoints").glob(".*.incomplete-*"))
 
 
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(reference):

@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llamazoo.io.hf import replace_folder
+from llamazoo.io.atomic import remove_stale_temps, replace_path, temp_path_beside
 
 CHECKPOINT_DIR = re.compile(r"^step_(\d+)$")
 
@@ -146,7 +145,8 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, state: dict[s
     root = output_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=root))
+    tmp = temp_path_beside(final)
+    tmp.mkdir()
     try:
         sd = {k: v.contiguous().cpu() for k, v in sd.items()}
         cfg = model.config.to_hf()
@@ -158,21 +158,19 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, state: dict[s
         _write_train_state(tmp, {**state, "optimizer": opt_sd})
         for f in tmp.iterdir():
             _fsync(f)
-        replace_folder(tmp, final)
+        replace_path(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _prune(output_dir, keep_last, tmp)
+    _prune(output_dir, keep_last)
     io.barrier()
     return final
 
 
-def _prune(output_dir: Path, keep_last: int, current: Path) -> None:
+def _prune(output_dir: Path, keep_last: int) -> None:
     for old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old.path, ignore_errors=True)
-    for stale in (output_dir / "checkpoints").glob(".tmp-step_*"):  # left by a run killed while saving
-        if stale != current:
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temps(output_dir / "checkpoints")  # left by a run killed while saving
 
 
 def _write_train_state(folder: Path, state: dict[str, Any]) -> None:
@@ -215,7 +213,8 @@ def save_sharded_checkpoint(output_dir: Path, step: int, model: nn.Module, state
     box: list[Any] = [None]
     if io.is_writer:
         root.mkdir(parents=True, exist_ok=True)
-        box[0] = tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=root)
+        box[0] = str(temp_path_beside(final))
+        Path(box[0]).mkdir()
     dist.broadcast_object_list(box, src=0)
     tmp = Path(box[0])
     error: BaseException | None = None
@@ -231,8 +230,8 @@ def save_sharded_checkpoint(output_dir: Path, step: int, model: nn.Module, state
             for f in tmp.rglob("*"):
                 if f.is_file():
                     _fsync(f)
-            replace_folder(tmp, final)
-            _prune(output_dir, keep_last, tmp)
+            replace_path(tmp, final)
+            _prune(output_dir, keep_last)
     except BaseException as e:
         error = e
     ok = [error is None]
