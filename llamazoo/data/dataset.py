@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from llamazoo.io.damaged import open_hdf5, reading
 from llamazoo.io.yamlfile import read_yaml_mapping
 
 SPLIT_FILE = re.compile(r"^(train|dev)_(\d+)_of_(\d+)\.hdf5$")
@@ -50,20 +51,17 @@ class HDF5Rows:
     """Rows (input_ids, token_type_ids) of several HDF5 files as one indexable collection."""
 
     def __init__(self, files: list[Path], max_seq_length: int):
-        import h5py
-
         self.files = files
         self._handles: list[Any] = []
         counts = []
         for f in files:
-            try:
-                h = h5py.File(f, "r")
-            except OSError as e:
-                raise ValueError(f"{f}: cannot open as HDF5 ({e})") from None
-            for key in ("input_ids", "token_type_ids"):
-                if key not in h:
-                    raise ValueError(f"{f}: no {key!r} dataset; expected input_ids and token_type_ids")
-            ids, types = h["input_ids"], h["token_type_ids"]
+            h = open_hdf5(f)
+            with reading(f, "HDF5"):
+                missing = [key for key in ("input_ids", "token_type_ids") if key not in h]
+            if missing:
+                raise ValueError(f"{f}: no {missing[0]!r} dataset; expected input_ids and token_type_ids")
+            with reading(f, "HDF5"):
+                ids, types = h["input_ids"], h["token_type_ids"]
             if ids.ndim != 2 or ids.shape != types.shape:
                 raise ValueError(f"{f}: input_ids {ids.shape} and token_type_ids {types.shape} must be equal 2-D shapes")
             if ids.shape[0] and ids.shape[1] != max_seq_length:
@@ -90,8 +88,9 @@ class HDF5Rows:
             order = np.argsort(local, kind="stable")
             uniq, inverse = np.unique(local[order], return_inverse=True)  # h5py wants increasing, unique
             h = self._handles[f]
-            got_ids = h["input_ids"][uniq.tolist()]
-            got_types = h["token_type_ids"][uniq.tolist()]
+            with reading(self.files[f], "HDF5"):  # a corrupt compressed chunk fails only here
+                got_ids = h["input_ids"][uniq.tolist()]
+                got_types = h["token_type_ids"][uniq.tolist()]
             ids[sel[order]] = got_ids[inverse]
             types[sel[order]] = got_types[inverse]
         return torch.from_numpy(ids), torch.from_numpy(types)

@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from llamazoo.io.damaged import open_hdf5, reading
 from llamazoo.io.yamlfile import read_yaml_mapping
 
 TYPE_NAMES = {0: "prompt", 1: "completion", 2: "padding", 3: "sep"}
@@ -61,11 +62,14 @@ def render_row(ids: np.ndarray, types: np.ndarray, decode: Optional[Any], color:
 
 
 def file_summary(path: Path) -> tuple[str, Any]:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        ids = f["input_ids"]
-        types = f["token_type_ids"][:]
+    with open_hdf5(path) as f:
+        with reading(path, "HDF5"):
+            missing = [key for key in ("input_ids", "token_type_ids") if key not in f]
+        if missing:
+            raise ValueError(f"{path}: no {missing[0]!r} dataset; expected input_ids and token_type_ids")
+        with reading(path, "HDF5"):
+            ids = f["input_ids"]
+            types = f["token_type_ids"][:]
         counts = np.bincount(types.ravel(), minlength=4) if types.size else np.zeros(4, dtype=int)
         extra = ", category_ids" if "category_ids" in f else ""
         text = (f"{path.name}: {ids.shape[0]} rows x {ids.shape[1]} tokens ({ids.dtype}{extra}); "
@@ -86,8 +90,6 @@ def _load_decoder(path: Path, tokenizer: Optional[str]) -> Optional[Any]:
 def inspect_dataset(path: str | Path, rows: int = 2, start: int = 0, files: int = 1,
                     tokenizer: Optional[str] = None, color: bool = False) -> str:
     """A report on a dataset folder or one .hdf5 file (see the module docstring)."""
-    import h5py
-
     p = Path(path)
     found = dataset_files(p)
     decode = _load_decoder(p, tokenizer)
@@ -103,17 +105,17 @@ def inspect_dataset(path: str | Path, rows: int = 2, start: int = 0, files: int 
     for f in found:
         out.append(file_summary(f)[0])
     for f in found[:max(files, 0)]:
-        with h5py.File(f, "r") as h:
+        with open_hdf5(f) as h, reading(f, "HDF5"):
             n = h["input_ids"].shape[0]
-            for r in range(start, min(start + rows, n)):
-                out.append(f"\n--- {f.name} row {r} ---")
-                out.append(render_row(h["input_ids"][r], h["token_type_ids"][r], decode, color))
+            picked = [(r, h["input_ids"][r], h["token_type_ids"][r]) for r in range(start, min(start + rows, n))]
+        for r, ids, types in picked:
+            out.append(f"\n--- {f.name} row {r} ---")
+            out.append(render_row(ids, types, decode, color))
     return "\n".join(out)
 
 
 def decode_rows(path: str | Path, decode: Any, rows: Sequence[int]) -> list[str]:
     """Rows of one .hdf5 file rendered with their spans marked (for tests and scripts)."""
-    import h5py
-
-    with h5py.File(path, "r") as h:
-        return [render_row(h["input_ids"][r], h["token_type_ids"][r], decode) for r in rows]
+    with open_hdf5(path) as h, reading(path, "HDF5"):
+        picked = [(h["input_ids"][r], h["token_type_ids"][r]) for r in rows]
+    return [render_row(ids, types, decode) for ids, types in picked]

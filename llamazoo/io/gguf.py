@@ -120,6 +120,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     """Writes a HF folder (config, weights, tokenizer) from a GGUF Llama file."""
     from gguf import GGUFReader
 
+    from llamazoo.io.damaged import DamagedFileError
     from llamazoo.io.hf import save_state_dict_folder
 
     path = Path(gguf_path)
@@ -128,7 +129,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     try:
         reader = GGUFReader(str(path))
     except Exception as e:
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+        raise DamagedFileError(path, "GGUF", e) from None  # a truncated file fails here: every tensor is mapped
     cfg = gguf_config(reader, str(path))
     sd = gguf_state_dict(reader, cfg, dtype)
     tokenizer = gguf_tokenizer(path)

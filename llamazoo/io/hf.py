@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from llamazoo.io.atomic import replace_path, temp_path_beside
+from llamazoo.io.damaged import reading
 from llamazoo.model.llama import (LlamaConfig, LlamaForCausalLM, PrecisionOptions, init_weights,
                                   materialize_parameters, replay_default_init)
 from llamazoo.model.registry import NAMED_CONFIGS, named_config
@@ -53,11 +54,16 @@ def read_config(path: str | os.PathLike) -> LlamaConfig:
         raise FileNotFoundError(
             f"{path}: no such file or folder, and not a model name (known: default, {', '.join(NAMED_CONFIGS)})"
         )
-    try:
-        d = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    d = read_json(file)
+    if not isinstance(d, dict):
+        raise ValueError(f"{file}: expected a JSON object of config keys")
     return LlamaConfig.from_hf(d, source=str(file))
+
+
+def read_json(file: Path) -> Any:
+    """A JSON file's content; bad JSON or bytes that are not UTF-8 are one DamagedFileError naming the file."""
+    with reading(file, "JSON"):
+        return json.loads(file.read_text(encoding="utf-8"))
 
 
 # -- reading tensors ----------------------------------------------------------------------------------
@@ -67,10 +73,10 @@ def weight_files(folder: Path) -> list[Path]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index}: not a valid index file ({e!r})") from None
+            content = read_json(index)
+            weight_map = content.get("weight_map") if isinstance(content, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{index}: expected a \"weight_map\" object of tensor name -> shard file name")
             files = sorted(set(weight_map.values()))
             for name in files:
                 if not (folder / name).is_file():
@@ -81,16 +87,37 @@ def weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{folder}: no model.safetensors, pytorch_model.bin or an index of shards")
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+def open_safetensors(path: Path):
+    """safe_open(path) (a context manager): a damaged or truncated file is one DamagedFileError naming it.
+
+    The header is parsed and checked against the file's length here, so truncation fails at open; the
+    tensors are mmapped, so read them (get_tensor, get_slice[...]) inside `reading(path, "safetensors")`."""
     from safetensors import safe_open
 
+    with reading(path, "safetensors"):
+        return safe_open(str(path), framework="pt")
+
+
+def load_torch_file(path: Path, weights_only: bool = True, mmap: bool = True) -> Any:
+    """torch.load on CPU, mmapped (if `mmap`) when the file has the zip format of torch >= 1.6, read whole
+    when it has the legacy one; a damaged or truncated file is one DamagedFileError naming it (torch raises
+    OSError, EOFError, pickle or zip errors)."""
+    with reading(path, "PyTorch"):
+        with open(path, "rb") as fh:
+            zipped = fh.read(4) == b"PK\x03\x04"
+        return torch.load(str(path), map_location="cpu", mmap=mmap and zipped, weights_only=weights_only)
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
     for f in files:
         if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as st:
+            with open_safetensors(f) as st:
                 for name in st.keys():
-                    yield name, st.get_tensor(name), f
+                    with reading(f, "safetensors"):
+                        t = st.get_tensor(name)
+                    yield name, t, f
         else:
-            sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+            sd = load_torch_file(f)
             for name, t in sd.items():
                 yield name, t, f
             del sd
@@ -287,16 +314,20 @@ def load_sharded_weights(model: LlamaForCausalLM, folder: str | os.PathLike, dev
             local.copy_(read(index))
         seen.add(name)
 
-    from safetensors import safe_open
+    def read_slice(sl, index, f: Path) -> torch.Tensor:
+        with reading(f, "safetensors"):
+            return sl[index]
 
     for f in files:
         if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as st:
+            with open_safetensors(f) as st:
                 for name in st.keys():
-                    sl = st.get_slice(name)
-                    fill(name, tuple(sl.get_shape()), lambda index, sl=sl: sl[index], f)
+                    with reading(f, "safetensors"):
+                        sl = st.get_slice(name)
+                        shape = tuple(sl.get_shape())
+                    fill(name, shape, lambda index, sl=sl, f=f: read_slice(sl, index, f), f)
         else:
-            sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+            sd = load_torch_file(f)
             for name, t in sd.items():
                 fill(name, tuple(t.shape), lambda index, t=t: t[index], f)
             del sd

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from llamazoo.io.atomic import remove_stale_temps, replace_path, temp_path_beside
+from llamazoo.io.damaged import DamagedFileError, reading, reason_of
+from llamazoo.io.hf import iter_tensors, load_torch_file, read_json
 
 CHECKPOINT_DIR = re.compile(r"^step_(\d+)$")
 
@@ -250,22 +252,53 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim
     """Loads a parallel checkpoint into the parallelized model, its optimizer and master weights (each
     rank reads its own shards); returns the training state (step, sampler, scheduler, RNG)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     path = Path(path)
-    train_state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+    train_state = load_torch_file(path / "train_state.pt", weights_only=False, mmap=False)
     if bool(train_state.get("master_weights_saved")) != (master is not None):
         saved, now = ("bf16", "fp32") if train_state.get("master_weights_saved") else ("fp32", "bf16")
         raise ValueError(f"training.resume_from: {path} was written by a training.dtype={saved} run and this run "
                          f"is {now}; resume with the interrupted run's training.dtype")
     state = _dcp_state(model, optimizer, master)
-    dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    _check_dcp_files(path / DCP_DIR)
+    try:
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    except CheckpointException as e:  # a BaseException, whose text is every rank's traceback
+        rank, (error, _) = next(iter(e.failures.items()), (0, (e, None)))
+        raise ValueError(f"{path / DCP_DIR}: cannot load these torch.distributed.checkpoint shards into this run "
+                         f"(rank {rank}: {type(error).__name__}: {reason_of(error)})") from None
     if master is None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         set_state_dict(master.module, optimizer, model_state_dict=state["master"], optim_state_dict=state["optim"])
         set_model_state_dict(model, state["model"])
     return train_state
+
+
+def _check_dcp_files(folder: Path) -> None:
+    """Reads the checkpoint's metadata and checks that every shard file holds the bytes it lists, so that a
+    damaged or truncated file is one error naming it (torch.distributed.checkpoint would log tracebacks and
+    raise one that names no file)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = folder / ".metadata"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta}: missing; the checkpoint in {folder.parent} is incomplete")
+    with reading(meta, "torch.distributed.checkpoint metadata"):
+        storage = FileSystemReader(str(folder)).read_metadata().storage_data
+        ends: dict[str, int] = {}
+        for info in storage.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        shard = folder / name
+        if not shard.is_file():
+            raise FileNotFoundError(f"{shard}: missing; {meta} lists it")
+        size = shard.stat().st_size
+        if size < end:
+            raise DamagedFileError(shard, "torch.distributed.checkpoint shard",
+                                   f"{size} bytes; {meta.name} lists data up to byte {end}")
 
 
 def _fsync(path: Path) -> None:
@@ -281,15 +314,14 @@ def _fsync(path: Path) -> None:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model state dict, training state) of a checkpoint folder."""
-    from safetensors.torch import load_file
-
     weights = path / "model.safetensors"
     if is_sharded_checkpoint(path):
-        saved = json.loads((path / "train_state.json").read_text())
+        saved = read_json(path / "train_state.json")
+        world = saved.get("world_size", "?") if isinstance(saved, dict) else "?"
         raise ValueError(f"training.resume_from: {path} was written by a parallel run of "
-                         f"{saved.get('world_size', '?')} processes (torch.distributed.checkpoint shards in "
+                         f"{world} processes (torch.distributed.checkpoint shards in "
                          f"{DCP_DIR}/); resume it with torchrun at the same world size and layout")
     if not weights.is_file():
         raise FileNotFoundError(f"{path}: training checkpoint has no model.safetensors")
-    state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
-    return load_file(str(weights)), state
+    state = load_torch_file(path / "train_state.pt", weights_only=False, mmap=False)
+    return {name: t for name, t, _ in iter_tensors([weights])}, state
