@@ -2,8 +2,8 @@
 
 Tensors are dequantized with the `gguf` package. llama.cpp's converter permutes the rows of q/k
 projections into an interleaved RoPE layout; we undo that permutation to get HF's rotate-half
-layout. The tokenizer is rebuilt from the GGUF's vocab, merges, special tokens and chat template by
-transformers' GGUF tokenizer converter.
+layout. The tokenizer is rebuilt from the GGUF's metadata as the original model's tokenizer files
+(llamazoo.io.gguf_tokenizer).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llamazoo.io.gguf_tokenizer import gguf_tokenizer
 from llamazoo.model.llama import LlamaConfig
 
 _LAYER_NAMES = {
@@ -98,22 +99,6 @@ def gguf_state_dict(reader, cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, t
             w = unpermute_rope(w, cfg.num_key_value_heads)
         sd[name] = torch.from_numpy(np.array(w, copy=True, order="C")).to(dtype)
     return sd
-
-
-def gguf_tokenizer(path: Path):
-    """transformers' GGUF tokenizer converter: vocab, merges, special tokens and chat template."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from llamazoo.io.tokenizer import Tokenizer
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return Tokenizer(hf, str(path))
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):

@@ -23,6 +23,7 @@ class Tokenizer:
     def __init__(self, hf: Any, source: str = ""):
         self.hf = hf
         self.source = source
+        self.extra_files: dict[str, bytes] = {}  # files save() writes too: tokenizer.model (SentencePiece)
 
     # ids ----------------------------------------------------------------------------------------
     @property
@@ -77,6 +78,8 @@ class Tokenizer:
 
     def save(self, out_dir: str | os.PathLike) -> None:
         self.hf.save_pretrained(str(out_dir))
+        for name, data in self.extra_files.items():
+            (Path(out_dir) / name).write_bytes(data)
 
 
 def has_tokenizer(folder: str | os.PathLike) -> bool:
@@ -105,7 +108,10 @@ def load_tokenizer_from_folder(folder: str | os.PathLike) -> Tokenizer:
     sentencepiece_only = not (folder / "tokenizer.json").is_file()
     if sentencepiece_only and not (config_file.is_file() and "add_bos_token" in json.loads(config_file.read_text())):
         hf.add_bos_token = True  # Llama-2's convention
-    return Tokenizer(hf, str(folder))
+    tok = Tokenizer(hf, str(folder))
+    if (folder / "tokenizer.model").is_file():  # transformers does not save it again: a re-save keeps it
+        tok.extra_files["tokenizer.model"] = (folder / "tokenizer.model").read_bytes()
+    return tok
 
 
 def load_tokenizer(path_or_name: str | os.PathLike = "default") -> Tokenizer:
