@@ -11,6 +11,10 @@ Tensor-parallel plan (Megatron style, one all-reduce per attention and per MLP i
   embed_tokens        row-wise over the vocabulary (when it divides), replicated output
   lm_head             column-wise over the vocabulary, logits gathered (replicated)
   norms               plain replicated tensors; their gradients agree on every TP rank.
+A vocabulary that does not divide by the TP size leaves embed_tokens and lm_head whole on every rank,
+plain tensors like the norms. So a TP model mixes plain tensors and DTensors (FSDP2 over it makes all
+of them DTensors, on two meshes); `clip_grad_norm` below and the optimizer's parameter groups
+(llamazoo.training.optim.param_groups: one kind of tensor per group) are built for that mix.
 """
 from __future__ import annotations
 

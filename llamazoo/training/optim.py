@@ -15,15 +15,28 @@ from torch import nn
 
 def param_groups(model: nn.Module, weight_decay: float, params: list[torch.Tensor] | None = None) -> list[dict]:
     """Decay matrices only; norms and biases (1-D) are not decayed. `params` (same order as
-    model.parameters()) substitutes master copies for the model's own parameters."""
+    model.parameters()) substitutes master copies for the model's own parameters.
+
+    Each group holds one kind of tensor (see `tensor_kind`): torch's foreach and fused AdamW kernels
+    take a whole group's list in one call and cannot mix plain tensors with DTensors, which a
+    tensor-parallel model has (replicated norms, and embeddings whose vocabulary does not divide by
+    the TP size, beside sharded matrices). A model of one kind gets the usual one or two groups."""
     own = [p for p in model.parameters() if p.requires_grad]
     params = own if params is None else params
-    decay = [q for p, q in zip(own, params) if p.ndim >= 2]
-    no_decay = [q for p, q in zip(own, params) if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for decayed in (True, False):
+        for p, q in zip(own, params):
+            if (p.ndim >= 2) == decayed:
+                groups.setdefault((decayed, tensor_kind(q)), []).append(q)
+    return [{"params": ps, "weight_decay": weight_decay if decayed else 0.0} for (decayed, _), ps in groups.items()]
+
+
+def tensor_kind(t: torch.Tensor) -> tuple:
+    """What a foreach kernel needs alike in one call: plain tensor, or DTensor on one device mesh."""
+    mesh = getattr(t, "device_mesh", None)
+    if mesh is None:
+        return ("tensor",)
+    return ("dtensor", mesh.device_type, tuple(mesh.mesh.flatten().tolist()), mesh.mesh_dim_names)
 
 
 def lr_lambda(schedule: str, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int):
@@ -98,16 +111,17 @@ def _mirror(names: list[str], params: list[nn.Parameter]) -> nn.Module:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, master: MasterWeights | None = None,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-    """torch AdamW (fused kernel where the device has one, foreach otherwise)."""
+    """torch AdamW: the fused kernel where the device has one and no parameter is a DTensor, foreach
+    otherwise; either way `param_groups` gives each kernel call one kind of tensor."""
     params = master.master if master is not None else None
     groups = param_groups(model, weight_decay, params)
-    device = groups[0]["params"][0].device
+    device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
     fused = device.type in ("cuda", "cpu") and not _has_dtensor(groups)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
 
 
 def _has_dtensor(groups: list[dict]) -> bool:
-    return any(type(p).__name__ == "DTensor" for g in groups for p in g["params"])
+    return any(tensor_kind(p)[0] == "dtensor" for g in groups for p in g["params"])
 
 
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
