@@ -312,3 +312,22 @@ def test_corrupt_sharded_checkpoint_data_is_one_clear_error(sharded_checkpoint):
                                          r"shards into this run \(rank 0: \w+: ") as e:
         load()
     assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_damaged_train_state_json_on_parallel_resume(sharded_checkpoint):
+    """torchrun runs read train_state.json (the layout that wrote the checkpoint) before anything else."""
+    from types import SimpleNamespace
+
+    from llamazoo.distributed.trainer_hooks import check_resume_world
+
+    path, _ = sharded_checkpoint
+    cfg = SimpleNamespace(training=SimpleNamespace(resume_from=str(path), output_dir=str(path.parent.parent)))
+    state = path / "train_state.json"
+    assert state.is_file()
+    check_resume_world(cfg, dp_size=1)  # intact: same layout, no error
+    state.write_text('{"dp_world_size": 1, "world_')
+    with pytest.raises(DamagedFileError, match=rf"^{state}: damaged or truncated JSON file \("):
+        check_resume_world(cfg, dp_size=1)
+    state.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=rf"^{state}: damaged training checkpoint \(expected a JSON object\)$"):
+        check_resume_world(cfg, dp_size=1)

@@ -111,16 +111,18 @@ def check_resume_world(cfg, dp_size: int, world_size: int | None = None) -> None
     silently train on other batches than the interrupted run would have; and a parallel checkpoint's
     torch.distributed.checkpoint shards are laid out for its world (DP x TP).
     """
-    import json
     from pathlib import Path
 
+    from llamazoo.io.hf import read_json
     from llamazoo.training.state import resolve_resume
 
     path = resolve_resume(cfg.training.resume_from, Path(cfg.training.output_dir))
     state = path / "train_state.json" if path is not None else None
     if state is None or not state.is_file():
         return
-    info = json.loads(state.read_text())
+    info = read_json(state)
+    if not isinstance(info, dict):
+        raise ValueError(f"{state}: damaged training checkpoint (expected a JSON object)")
     saved = int(info.get("dp_world_size", 1))
     saved_world = int(info.get("world_size", saved))
     saved_tp = int(info.get("tensor_parallel", max(1, saved_world // saved)))
