@@ -15,6 +15,7 @@ from typing import Any, Callable, TextIO
 import torch
 
 from llamazoo.config import GenerateConfig, GenerationSection
+from llamazoo.generation.chat import encode_chat
 from llamazoo.generation.engine import Engine, RowResult
 from llamazoo.generation.report import Report, row_metrics
 from llamazoo.generation.sampling import SamplingParams
@@ -102,7 +103,7 @@ def encode_prompts(gen: GenerationSection, tokenizer, max_seq_length: int) -> li
         if gen.chat:
             messages = ([{"role": "system", "content": gen.system}] if gen.system else []) + \
                        [{"role": "user", "content": text}]
-            ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+            ids = encode_chat(tokenizer, messages)
         else:
             ids = tokenizer.encode(text)
         if not ids:

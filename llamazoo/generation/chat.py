@@ -15,6 +15,12 @@ from llamazoo.generation.sampling import SamplingParams
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit"
 
 
+def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """A conversation through the tokenizer's chat template, the assistant's turn opened, -> token ids
+    (the template writes its special tokens itself). `generate`, `chat` and `serve` all encode this way."""
+    return tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+
+
 @dataclass
 class ChatSession:
     engine: Engine
@@ -42,8 +48,7 @@ class ChatSession:
         tok = self.engine.tok
         budget = self.engine.max_seq_length - self.max_new_tokens
         while True:
-            text = tok.apply_chat_template(self.messages([{"role": "user", "content": user}]))
-            ids = tok.encode(text, add_special_tokens=False)
+            ids = encode_chat(tok, self.messages([{"role": "user", "content": user}]))
             if len(ids) <= budget:
                 return ids
             if not self.history:

@@ -17,6 +17,19 @@ from llamazoo.generation.packed import pack_for_inference
 from llamazoo.generation.sampling import SamplingParams, choose_tokens
 from llamazoo.model.llama import linear
 
+# Decode attends over a multiple of this many cache slots (masked beyond the row's length), so that a row
+# decoded among longer rows gives the numbers it gives alone: the masked slots get zero weight, and the
+# fp32 q.k^T matmul of the CPU BLAS gives the same scores at every width that is a multiple of 32 (not so
+# in a tail of fewer than 4 columns, nor at widths 8-24 for small heads; measured for head sizes 16-128).
+ATTENTION_WIDTH_MULTIPLE = 32
+
+
+def attention_width(slots: int, cache_len: int) -> int:
+    """Cache slots a decode step attends over when the longest row fills `slots`."""
+    m = ATTENTION_WIDTH_MULTIPLE
+    return min(-(-slots // m) * m, cache_len)
+
+
 # tokens of context kept before the new ones when detokenizing, so SentencePiece's leading space and
 # byte-fallback sequences decode as they would in the whole text
 DETOK_CONTEXT = 6
@@ -305,7 +318,8 @@ class Engine:
                     mask = (valid & (slots <= cur)[None, :])[:, None, None, :]
                     logits = self._compiled_step(nxt[:, None], pos, mask, cache_pos)
                 else:
-                    mask = valid[:, None, None, :cur + 1]
+                    w = attention_width(cur + 1, S)
+                    mask = (valid[:, :w] & (slots[:w] <= cur)[None, :])[:, None, None, :]
                     logits = self._eager_step(nxt[:, None], pos, mask, cache_pos)
             if B == 1:  # the prompt and every token fed back (all but the last) now fill the first slots
                 self._cached_ids = list(prompts[0]) + rows[0].token_ids[:-1]
@@ -355,3 +369,130 @@ class Engine:
                     on_text(b, piece)
             st.done = True
             row.text = st.text
+
+
+class SlotCache:
+    """A KV cache with one row per sequence, for continuous batching (`llamazoo serve`).
+
+    Each row holds one sequence from slot 0 on, at its own length; nothing is padded. `prefill` runs
+    prompt tokens of one row (the model sees that row alone, as a batch of one: with no earlier slots
+    it is the same computation as `Engine.generate_batch` on that prompt). `decode` runs one new token
+    for rows 0..n-1 together, each at its own position, over views of those rows (no copies), so the
+    caller keeps the decoding rows first (`swap` moves rows). Rows beyond the decoding ones keep
+    whatever they held, which the caller may reuse as a cached prompt prefix (`copy_prefix`).
+
+    The cache length grows on demand (`reserve`, doubling up to max_seq_length), so memory follows the
+    longest sequence, not the model's context. Batch invariance: masked slots get zero weight in the
+    attention, so a row's numbers do not depend on the other rows, except where the matmul kernel for
+    one row differs from the kernel for several (oneDNN fp32: matrix-vector vs matrix-matrix); then
+    `min_rows` is 2 and a lone decoding row is paired with a scratch one (see `probe_min_rows`).
+    """
+
+    def __init__(self, engine: "Engine", rows: int, max_seq_length: int, initial_length: int = 256):
+        self.engine = engine
+        self.model = engine.model
+        self.rows = rows
+        self.max_seq_length = max_seq_length
+        self.length = 0
+        self.full: list = []
+        self._views: dict[tuple[int, int], list] = {}
+        engine._cache_shape, engine._cached_ids = None, []  # generate_batch sets up its own cache again
+        self.reserve(min(initial_length, max_seq_length))
+        self.min_rows = 1
+        self.min_rows = self.probe_min_rows()
+
+    # -- memory --------------------------------------------------------------------------------------
+    def reserve(self, length: int) -> None:
+        """Makes every row at least `length` slots long (doubling; existing slots are kept)."""
+        if length <= self.length:
+            return
+        if length > self.max_seq_length:
+            raise ValueError(f"{length} cache slots asked for; max_seq_length is {self.max_seq_length}")
+        new = self.length or length
+        while new < length:
+            new *= 2
+        new = min(new, self.max_seq_length)
+        old = self.full
+        self.model.setup_cache(self.rows, new)
+        self.full = [layer.self_attn.kv_cache for layer in self.model.model.layers]
+        for cache, prev in zip(self.full, old):
+            cache.k[:, :, :self.length] = prev.k
+            cache.v[:, :, :self.length] = prev.v
+        self.length = new
+        self._views = {}
+
+    def bytes(self) -> int:
+        return sum(c.k.numel() * c.k.element_size() * 2 for c in self.full)
+
+    def _use_rows(self, start: int, stop: int) -> None:
+        views = self._views.get((start, stop))
+        if views is None:
+            views = self._views[(start, stop)] = [c.rows(start, stop) for c in self.full]
+        for layer, view in zip(self.model.model.layers, views):
+            layer.self_attn.kv_cache = view
+
+    # -- row moves -----------------------------------------------------------------------------------
+    def swap(self, a: int, b: int, n: int) -> None:
+        """Exchanges the first n slots of rows a and b."""
+        if a == b or n <= 0:
+            return
+        for c in self.full:
+            for t in (c.k, c.v):
+                tmp = t[a, :, :n].clone()
+                t[a, :, :n] = t[b, :, :n]
+                t[b, :, :n] = tmp
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copies the first n slots of row src into row dst."""
+        if src == dst or n <= 0:
+            return
+        for c in self.full:
+            c.k[dst, :, :n] = c.k[src, :, :n]
+            c.v[dst, :, :n] = c.v[src, :, :n]
+
+    # -- model calls ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, row: int, ids: Sequence[int], start: int) -> torch.Tensor:
+        """Runs tokens `ids` at positions start.. of `row` (slots before start already filled); returns
+        fp32 logits [V] of the last one. start=0 takes the same path as a prompt in generate_batch."""
+        T = len(ids)
+        self.reserve(start + T + 1)
+        dev = self.engine.device
+        self._use_rows(row, row + 1)
+        cache_pos = torch.arange(start, start + T, device=dev)
+        mask = None
+        if start:
+            slots = torch.arange(start + T, device=dev)
+            mask = (slots[None, :] <= cache_pos[:, None])[None, None]
+        x = torch.tensor([list(ids)], dtype=torch.long, device=dev)
+        return self.engine._eager_step(x, cache_pos[None], mask, cache_pos)[0]
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+        """One step for rows 0..n-1: row b gets tokens[b] at position lengths[b] (its slots so far);
+        returns fp32 logits [n,V]."""
+        n = len(tokens)
+        top = max(lengths)
+        self.reserve(top + 1)
+        pad = max(0, self.min_rows - n)
+        if n + pad > self.rows:
+            raise ValueError(f"{n} rows decoding, the cache has {self.rows}")
+        dev = self.engine.device
+        # a scratch row (when pairing a lone row) writes into its row's last slot, which no prompt uses
+        toks = list(tokens) + [0] * pad
+        pos = list(lengths) + [self.length - 1] * pad
+        self._use_rows(0, n + pad)
+        cache_pos = torch.tensor(pos, dtype=torch.long, device=dev)[:, None]
+        slots = torch.arange(attention_width(top + 1, self.length), device=dev)
+        mask = (slots[None, :] <= cache_pos)[:, None, None, :]
+        x = torch.tensor(toks, dtype=torch.long, device=dev)[:, None]
+        return self.engine._eager_step(x, cache_pos, mask, cache_pos)[:n]
+
+    def probe_min_rows(self) -> int:
+        """2 when one decoding row gives other numbers than the same row among several (see the class
+        docstring), else 1. Writes slot 0 of rows 0 and 1."""
+        if self.rows < 2:
+            return 1
+        one = self.decode([1], [0])
+        two = self.decode([1, 1], [0, 0])
+        return 1 if torch.equal(one[0], two[0]) else 2

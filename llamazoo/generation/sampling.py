@@ -7,6 +7,7 @@ sampling, temperature, top-k, top-p, min-p. Filtered tokens get -inf.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -102,3 +103,18 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
         return logits.argmax(-1)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def choose_tokens_per_row(logits: torch.Tensor, params: Sequence[SamplingParams],
+                          generators: Sequence[torch.Generator | None],
+                          seen: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Next token per row [B] when every row has its own parameters, random generator and seen tokens
+    (seen[b]: bool [V] or None), e.g. a server's requests decoded together. Row b gets exactly the token
+    `choose_tokens(logits[b:b+1], params[b], generators[b], seen[b][None])` gives it alone, so a seeded
+    request draws the same tokens whatever it is batched with. Plain greedy rows share one argmax."""
+    out = logits.argmax(-1)
+    for b, p in enumerate(params):
+        s = seen[b] if seen is not None else None
+        if p.do_sample or (p.repetition_penalty != 1.0 and s is not None):
+            out[b] = choose_tokens(logits[b:b + 1], p, generators[b], None if s is None else s[None])[0]
+    return out

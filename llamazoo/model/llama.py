@@ -187,17 +187,32 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """A preallocated cache; slot i of every row holds the token fed at cache position i."""
+    """A preallocated cache; slot i of every row holds the token fed at cache position i.
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
+    cache_pos is [T] (the same slots in every row) or [B,T] (each row its own slots: rows at different
+    lengths decoding together, as a continuous-batching server runs them)."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device,
+                 k: torch.Tensor | None = None, v: torch.Tensor | None = None):
         super().__init__()
         shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device) if k is None else k, persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device) if v is None else v, persistent=False)
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows start..stop-1 as a cache of their own (views: writes land in this cache), so a batch can
+        run over some rows of a larger cache without copying them."""
+        k, v = self.k[start:stop], self.v[start:stop]
+        return KVCache(*k.shape[:2], k.shape[2], k.shape[3], k.dtype, k.device, k=k, v=v)
 
     def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, cache_pos, k)
-        self.v.index_copy_(2, cache_pos, v)
+        if cache_pos.dim() == 2:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[rows, :, cache_pos] = k.transpose(1, 2)  # indexed [B,T] then the sliced heads: [B,T,H,D]
+            self.v[rows, :, cache_pos] = v.transpose(1, 2)
+        else:
+            self.k.index_copy_(2, cache_pos, k)
+            self.v.index_copy_(2, cache_pos, v)
         return self.k, self.v
 
 
@@ -374,7 +389,9 @@ class LlamaForCausalLM(nn.Module):
                 slots = torch.arange(self.cache_len, device=input_ids.device)
                 attention_mask = (slots[None, :] <= cache_pos[:, None])[None, None]
             if position_ids is None:
-                position_ids = cache_pos[None].expand(B, T)
+            if attention_mask is None and cache_pos.dim() == 2:
+                raise ValueError("per-row cache positions ([B,T] cache_pos) need an attention_mask")
+                position_ids = cache_pos if cache_pos.dim() == 2 else cache_pos[None].expand(B, T)
         elif position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
         if attention_mask is not None and attention_mask.dtype == torch.bool:
