@@ -385,12 +385,12 @@ class LlamaForCausalLM(nn.Module):
             # No mask: causal. A prefill into an empty cache (slots 0..T-1) keeps no mask, so that SDPA
             # takes its causal path over the T new keys (it skips the masked half); anything else gets
             # an explicit mask over the cache slots.
+            if attention_mask is None and cache_pos.dim() == 2:
+                raise ValueError("per-row cache positions ([B,T] cache_pos) need an attention_mask")
             if attention_mask is None and not (T > 1 and int(cache_pos[0]) == 0):
                 slots = torch.arange(self.cache_len, device=input_ids.device)
                 attention_mask = (slots[None, :] <= cache_pos[:, None])[None, None]
             if position_ids is None:
-            if attention_mask is None and cache_pos.dim() == 2:
-                raise ValueError("per-row cache positions ([B,T] cache_pos) need an attention_mask")
                 position_ids = cache_pos if cache_pos.dim() == 2 else cache_pos[None].expand(B, T)
         elif position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
