@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("llamazoo.commands.convert", "convert a GGUF file (or a HF folder) into a HF checkpoint folder"),
     "generate": ("llamazoo.commands.generate", "generate text from prompts (streamed; latency report in output_dir/summary.txt)"),
     "chat": ("llamazoo.commands.chat", "interactive chat with the chat template, history and streaming"),
+    "serve": ("llamazoo.commands.serve", "OpenAI-compatible HTTP server with continuous batching and a chat page"),
     "prepare": ("llamazoo.commands.prepare", "jsonl/txt -> packed, split, balanced HDF5 dataset (generative_data_prep's pipeline)"),
     "data_prep": ("llamazoo.commands.prepare", "one jsonl/txt file -> one packed .hdf5 file (generative_data_prep's data_prep)"),
     "inspect-data": ("llamazoo.commands.inspect_data", "show a packed HDF5 dataset: shapes, token types, decoded rows"),

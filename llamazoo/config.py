@@ -225,3 +225,31 @@ class GenerateConfig(Section):
     model: ModelSection = ModelSection()
     generation: GenerationSection = GenerationSection()
     parallel: ParallelSection = ParallelSection()
+
+
+# -- serving (llamazoo serve) ---------------------------------------------------------------------------
+class ServeSection(Section):
+    """The HTTP server. max_concurrent sequences decode together (continuous batching); up to max_queue
+    more wait, beyond that a request gets 429 with Retry-After. Prompts are prefilled in chunks of
+    prefill_chunk tokens (one chunk's worth per step, so running streams keep flowing), which is also the
+    granularity of prefix reuse."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535, description="0: any free port (the URL is printed)")
+    max_concurrent: int = Field(8, ge=1)
+    max_queue: int = Field(64, ge=0)
+    api_key: str | None = Field(None, description="when set, /v1/* needs 'Authorization: Bearer <api_key>'")
+    served_model_name: str | None = Field(None, description="the model id of the API; default: the folder name")
+    prefill_chunk: int = Field(128, ge=16)
+    shutdown_timeout: float = Field(30.0, ge=0, description="seconds in-flight streams get after SIGTERM")
+    log_every_s: float = Field(10.0, gt=0, description="progress line interval while busy")
+
+
+class ServeConfig(Section):
+    """`llamazoo serve`: the generate keys (generation.* are the requests' sampling defaults) + serve."""
+
+    checkpoint: CheckpointSection = CheckpointSection()
+    model: ModelSection = ModelSection()
+    generation: GenerationSection = GenerationSection()
+    parallel: ParallelSection = ParallelSection()
+    serve: ServeSection = ServeSection()

@@ -1,0 +1,352 @@
+"""Continuous batching: sequences join and leave a running batch between two decode steps.
+
+One scheduler thread owns the model. Each `step`:
+1. drops cancelled sequences (a client that went away frees its row here, within one step);
+2. admits waiting sequences while rows are free (at most max_concurrent run at once);
+3. prefills: at most `prefill_chunk` prompt tokens in all, in chunks that start at multiples of
+   prefill_chunk, so a long prompt is spread over several steps instead of stalling the running streams;
+4. decodes every sequence whose prompt is in, one token each, in one batched step over the KV cache
+   (`SlotCache`: a row per sequence, each at its own length), then samples per row (own parameters,
+   own seeded generator);
+5. retires finished sequences.
+
+Exactness: a sequence gives the tokens it gives alone. Decode rows are independent (see SlotCache), and
+prompt prefixes are reused only in whole chunks: a chunk's keys/values depend only on the tokens up to
+its end, so a reused chunk holds what computing it again would give. Prompts of at most one chunk are
+computed as `llamazoo generate` computes them.
+
+Prefix reuse: a row keeps the prompt it last held after its sequence ends; a new sequence starts from
+the longest whole-chunk common prefix found in any row (copied into its own row if needed), e.g. a
+shared system prompt or the earlier turns of a chat.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from llamazoo.generation.engine import SlotCache, _RowState
+from llamazoo.generation.sampling import SamplingParams, choose_tokens_per_row
+
+log = logging.getLogger("llamazoo.serve")
+
+
+class QueueFull(Exception):
+    """More sequences are waiting than serve.max_queue allows."""
+
+
+@dataclass
+class Event:
+    """What a sequence produced in one step: text that is final now (may be empty while a possible stop
+    string or an incomplete character is held back), the token, and at the end `finish_reason`."""
+
+    text: str = ""
+    token_id: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # stop | length | error (then `error` says why)
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion (one of a request's `n` choices)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
+    on_event: Callable[[Event], None] = lambda e: None
+    # state, written by the scheduler thread
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    cancelled: bool = False
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    row: int = -1
+    prefilled: int = 0
+    matched: bool = False
+
+    def __post_init__(self) -> None:
+        self.generator: torch.Generator | None = None
+        self.seen: torch.Tensor | None = None
+        self.state: _RowState | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def cache_length(self) -> int:
+        """Slots of its row in use: the prompt and every token fed back."""
+        return self.prefilled + max(0, len(self.tokens) - 1)
+
+
+class Scheduler:
+    """Runs sequences on an `Engine` with continuous batching; `start` runs `step` in a thread."""
+
+    def __init__(self, engine, eos_ids, max_concurrent: int = 8, max_queue: int = 64,
+                 prefill_chunk: int = 128, max_seq_length: int | None = None,
+                 on_token: Callable[[Sequence, float], None] | None = None, log_every_s: float = 10.0):
+        self.engine = engine
+        self.tok = engine.tok
+        self.eos = set(int(e) for e in eos_ids)
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.chunk = prefill_chunk
+        self.max_seq_length = max_seq_length or engine.max_seq_length
+        self.on_token = on_token  # metrics hook: (sequence, seconds since its previous token or arrival)
+        self.slots = SlotCache(engine, max(max_concurrent, 2), self.max_seq_length)
+        n = self.slots.rows
+        self.rows: list[Sequence | None] = [None] * n  # physical row -> its sequence
+        self.row_ids: list[list[int]] = [[] for _ in range(n)]  # prompt tokens whose K/V the row holds
+        self.row_used = [0.0] * n
+        self.decoding = 0  # rows 0..decoding-1 hold the sequences that decode
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # admission order
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self.steps = 0
+        self.generated = 0  # tokens, all sequences
+        self.log_every_s = log_every_s
+
+    # -- from other threads ------------------------------------------------------------------------
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queues a request's sequences (all or none)."""
+        with self._cond:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) + len(seqs) > self.max_queue + max(0, self.max_concurrent - len(self.running)):
+                raise QueueFull(f"{len(self.waiting)} sequences are waiting (serve.max_queue={self.max_queue})")
+            self.waiting.extend(seqs)
+            self._cond.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self.running), "waiting": len(self.waiting), "rows": self.slots.rows,
+                "cache_slots": self.slots.length, "cache_bytes": self.slots.bytes()}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="llamazoo-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ends the thread; sequences still queued or running end with finish_reason=error."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for seq in list(self.running) + list(self.waiting):
+            self._fail(seq, "the server shut down")
+        self.running, self.waiting = [], collections.deque()
+
+    def _loop(self) -> None:
+        last_t, last_n = time.perf_counter(), 0
+        while True:
+            now = time.perf_counter()
+            if now - last_t >= self.log_every_s:
+                if self.generated > last_n or self.running or self.waiting:
+                    log.info("running %d, waiting %d, %.1f tokens/s, KV cache %d tokens x %d rows",
+                             len(self.running), len(self.waiting), (self.generated - last_n) / (now - last_t),
+                             self.slots.length, self.slots.rows)
+                last_t, last_n = now, self.generated
+            with self._cond:
+                while not self._closing and not self.waiting and not self.running:
+                    self._cond.wait()
+                    last_t, last_n = time.perf_counter(), self.generated
+                if self._closing:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - one bad step must not end the server
+                log.exception("scheduler step failed")
+                for seq in self.running:
+                    self._fail(seq, f"internal error: {type(e).__name__}: {e}")
+                self.running, self.rows = [], [None] * self.slots.rows
+                self.row_ids = [[] for _ in range(self.slots.rows)]
+                self.decoding = 0
+
+    # -- the step ------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One round of drop / admit / prefill / decode / retire; False when there was nothing to do."""
+        with self._cond:
+            for seq in [s for s in self.waiting if s.cancelled]:
+                self.waiting.remove(seq)
+            while self.waiting and len(self.running) < self.max_concurrent:
+                self._admit(self.waiting.popleft())
+        for seq in [s for s in self.running if s.cancelled]:
+            self._retire(seq)
+        if not self.running:
+            return False
+        self.steps += 1
+        self._prefill()
+        self._retire_done()  # the decode step runs over rows 0..decoding-1: all of them must go on
+        self._decode()
+        self._retire_done()
+        return True
+
+    def _retire_done(self) -> None:
+        for seq in [s for s in self.running if s.done or s.cancelled]:
+            self._retire(seq)
+
+    def _admit(self, seq: Sequence) -> None:
+        free = [r for r in range(self.decoding, self.slots.rows) if self.rows[r] is None]
+        # the free row whose cached prompt serves this one best, else the least recently used
+        row = max(free, key=lambda r: (self._usable(self.row_ids[r], seq.prompt_ids), -self.row_used[r]))
+        seq.row = row
+        self.rows[row] = seq
+        self.running.append(seq)
+        if seq.params.do_sample:
+            seq.generator = torch.Generator(device=self.engine.device)
+            if seq.seed is not None:
+                seq.generator.manual_seed(seq.seed)
+            else:
+                seq.generator.seed()
+        if seq.params.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(self.engine.model.config.vocab_size, dtype=torch.bool,
+                                   device=self.engine.device)
+            seq.seen[torch.tensor(seq.prompt_ids, device=self.engine.device)] = True
+        seq.state = _RowState(self.tok, seq.prompt_ids, seq.stop) if self.tok is not None else None
+
+    def _usable(self, cached: list[int], prompt: list[int]) -> int:
+        """Prompt tokens a row holding `cached` can provide: whole chunks, leaving one token to compute."""
+        n, limit = 0, min(len(cached), len(prompt) - 1)
+        while n < limit and cached[n] == prompt[n]:
+            n += 1
+        return n // self.chunk * self.chunk
+
+    def _prefill(self) -> None:
+        budget = self.chunk
+        for seq in [s for s in self.running if s.prefilled < len(s.prompt_ids)]:
+            if budget <= 0:
+                break
+            P = len(seq.prompt_ids)
+            if not seq.matched:  # take the best cached prefix now (an earlier sequence may have just made it)
+                seq.matched = True
+                best = max(range(self.slots.rows), key=lambda r: (self._usable(self.row_ids[r], seq.prompt_ids),
+                                                                  r == seq.row))
+                n = self._usable(self.row_ids[best], seq.prompt_ids)
+                self.slots.copy_prefix(best, seq.row, n)
+                seq.prefilled = seq.cached_tokens = n
+                self.row_ids[seq.row] = seq.prompt_ids[:n]
+            logits = None
+            while budget > 0 and seq.prefilled < P:
+                end = min(P, (seq.prefilled // self.chunk + 1) * self.chunk)
+                logits = self.slots.prefill(seq.row, seq.prompt_ids[seq.prefilled:end], seq.prefilled)
+                budget -= end - seq.prefilled
+                seq.prefilled = end
+                self.row_ids[seq.row] = seq.prompt_ids[:end]
+            if seq.prefilled == P:
+                self._move(seq.row, self.decoding)
+                self.decoding += 1
+                self._emit([seq], logits[None])
+
+    def _decode(self) -> None:
+        seqs = self.rows[:self.decoding]
+        if not seqs:
+            return
+        logits = self.slots.decode([s.tokens[-1] for s in seqs], [s.cache_length for s in seqs])
+        self._emit(seqs, logits)
+
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Chooses each sequence's next token from its logits row and tells its listener."""
+        nxt = choose_tokens_per_row(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                                    [s.seen for s in seqs]).tolist()
+        logp = None
+        if any(s.logprobs is not None for s in seqs):
+            logp = torch.log_softmax(logits.float(), -1)
+        now = time.perf_counter()
+        for b, (seq, tok) in enumerate(zip(seqs, nxt)):
+            gap = now - (seq.last_token_at or seq.arrival)
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            seq.last_token_at = now
+            seq.tokens.append(tok)
+            self.generated += 1
+            if seq.seen is not None:
+                seq.seen[tok] = True
+            ev = Event(token_id=tok)
+            if seq.logprobs is not None and logp is not None:
+                ev.logprob = float(logp[b, tok])
+                if seq.logprobs:
+                    top = torch.topk(logp[b], seq.logprobs)
+                    ev.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+            reason = None
+            st = seq.state
+            if tok in self.eos:
+                reason = "stop"
+            elif st is not None:
+                ev.text, hit = st.add_text(st.detok.push(tok))
+                if hit:
+                    reason = "stop"
+            if reason is None and (len(seq.tokens) >= seq.max_tokens or
+                                   seq.cache_length + 1 >= self.max_seq_length):
+                reason = "length"
+            if reason is not None:
+                if st is not None and not (reason == "stop" and tok not in self.eos):
+                    ev.text += st.finish()  # what was held back (no stop string completed)
+                seq.finish_reason = ev.finish_reason = reason
+            if st is not None:
+                seq.text = st.text
+            if self.on_token is not None:
+                self.on_token(seq, gap)
+            self._send(seq, ev)
+
+    def _send(self, seq: Sequence, ev: Event) -> None:
+        try:
+            seq.on_event(ev)
+        except Exception:  # noqa: BLE001 - a listener's failure is that request's problem only
+            log.exception("a sequence listener failed; cancelling it")
+            seq.cancelled = True
+
+    def _fail(self, seq: Sequence, why: str) -> None:
+        if not seq.done:
+            seq.finish_reason = "error"
+            self._send(seq, Event(finish_reason="error", error=why))
+
+    # -- rows ----------------------------------------------------------------------------------------
+    def _content(self, r: int) -> int:
+        seq = self.rows[r]
+        return max(len(self.row_ids[r]), seq.cache_length if seq is not None else 0)
+
+    def _move(self, a: int, b: int) -> None:
+        """Swaps rows a and b: cache contents, sequences and cached prompts."""
+        if a == b:
+            return
+        self.slots.swap(a, b, max(self._content(a), self._content(b)))
+        self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
+        self.row_ids[a], self.row_ids[b] = self.row_ids[b], self.row_ids[a]
+        self.row_used[a], self.row_used[b] = self.row_used[b], self.row_used[a]
+        for r in (a, b):
+            if self.rows[r] is not None:
+                self.rows[r].row = r
+
+    def _retire(self, seq: Sequence) -> None:
+        """Frees the sequence's row (it keeps the prompt for reuse); decoding rows stay 0..decoding-1."""
+        r = seq.row
+        self.running.remove(seq)
+        if r < self.decoding:
+            self._move(r, self.decoding - 1)
+            self.decoding -= 1
+            r = self.decoding
+        self.rows[r] = None
+        self.row_used[r] = time.perf_counter()
+        if seq.prefilled < len(seq.prompt_ids):  # cut short in its prefill: only whole chunks are kept
+            self.row_ids[r] = self.row_ids[r][:seq.prefilled // self.chunk * self.chunk]
+        seq.row = -1

@@ -1,0 +1,169 @@
+"""The continuous-batching scheduler without HTTP: sequences batched with others (joining and leaving at
+different steps, prompts prefilled in chunks) give exactly the tokens and logits they give alone, greedy
+and seeded sampling; a cancelled sequence frees its row within one step; whole-chunk prompt prefixes are
+reused without changing a token; the per-row sampler equals the one-row sampler."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import hf_tiny_model
+from llamazoo.generation.engine import Engine, SlotCache
+from llamazoo.generation.sampling import SamplingParams, choose_tokens, choose_tokens_per_row
+from llamazoo.io.hf import load_model
+from llamazoo.serving.scheduler import Scheduler, Sequence
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CHUNK = 16
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_sched")
+    hf_tiny_model(max_position_embeddings=256, num_key_value_heads=2).save_pretrained(out)
+    return Engine(load_model(out), tokenizer=None)
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+LENGTHS = (5, 17, 40, 3, 70, 9, 33, 12, 1, 48)
+
+
+def make(i: int, p: list[int], **kw) -> Sequence:
+    """Every third sequence samples (seeded); max_tokens differ."""
+    params = SamplingParams(do_sample=True, temperature=0.8, top_k=20, top_p=0.9) if i % 3 == 2 else SamplingParams()
+    return Sequence(p, max_tokens=6 + 3 * i, params=params, seed=100 + i, **kw)
+
+
+def run_all(engine, seqs, admit_every=1, max_concurrent=4, cancel_at=None, max_steps=500):
+    """Submits one sequence every `admit_every` steps; cancel_at: {step: sequence index}."""
+    sched = Scheduler(engine, [], max_concurrent=max_concurrent, prefill_chunk=CHUNK)
+    pending, step = list(seqs), 0
+    while step < max_steps:
+        if pending and step % admit_every == 0:
+            sched.submit([pending.pop(0)])
+        if cancel_at and step in cancel_at:
+            sched.cancel(seqs[cancel_at[step]])
+        busy = sched.step()
+        step += 1
+        if not busy and not pending:
+            break
+    assert step < max_steps
+    return sched
+
+
+def test_batched_sequences_equal_their_solo_runs(engine):
+    ps = prompts(LENGTHS)
+    solo = []
+    for i, p in enumerate(ps):
+        s = make(i, p)
+        run_all(engine, [s])
+        solo.append(s.tokens)
+        assert len(s.tokens) == 6 + 3 * i and s.finish_reason == "length"
+    # greedy prompts of at most one chunk: the same tokens as the generation engine alone
+    for i, p in enumerate(ps):
+        if i % 3 != 2 and len(p) <= CHUNK:
+            assert solo[i] == engine.generate_batch([p], 6 + 3 * i)[0].token_ids
+    for admit_every, max_concurrent in ((1, 4), (3, 3), (1, 10)):
+        seqs = [make(i, p) for i, p in enumerate(ps)]
+        sched = run_all(engine, seqs, admit_every, max_concurrent)
+        assert [s.tokens for s in seqs] == solo, (admit_every, max_concurrent)
+        assert sched.running == [] and sched.decoding == 0 and all(r is None for r in sched.rows)
+        assert sched.steps < sum(len(t) for t in solo)  # they did run together
+
+
+def test_cancel_frees_the_row_within_one_step(engine):
+    ps = prompts((8, 20, 12))
+    seqs = [Sequence(p, max_tokens=40) for p in ps]
+    sched = Scheduler(engine, [], max_concurrent=3, prefill_chunk=CHUNK)
+    sched.submit(seqs)
+    for _ in range(5):
+        sched.step()
+    assert len(sched.running) == 3
+    n = len(seqs[1].tokens)
+    sched.cancel(seqs[1])
+    sched.step()
+    assert seqs[1] not in sched.running and seqs[1].row == -1 and len(seqs[1].tokens) == n
+    assert sched.decoding == 2 and sorted(s.row for s in sched.running) == [0, 1]
+    cancelled_waiting = Sequence(ps[0], max_tokens=5)
+    sched.submit([cancelled_waiting])
+    sched.cancel(cancelled_waiting)
+    while sched.step():
+        pass
+    assert cancelled_waiting.tokens == [] and all(len(s.tokens) == 40 for s in (seqs[0], seqs[2]))
+    assert sched.rows == [None] * 3 and not sched.waiting
+
+
+def test_whole_chunk_prefixes_are_reused_without_changing_tokens(engine):
+    system = prompts((2 * CHUNK + 5,), seed=3)[0]
+    a = system + prompts((7,), seed=4)[0]
+    b = system + prompts((30,), seed=5)[0]
+    cold = Sequence(b, max_tokens=12)
+    run_all(engine, [cold])
+    assert cold.cached_tokens == 0
+    sched = Scheduler(engine, [], max_concurrent=2, prefill_chunk=CHUNK)
+    first, second = Sequence(a, max_tokens=12), Sequence(b, max_tokens=12)
+    sched.submit([first])
+    while sched.step():
+        pass
+    sched.submit([second])
+    while sched.step():
+        pass
+    assert second.cached_tokens == 2 * CHUNK  # the shared whole chunks; the 5 extra tokens are computed
+    assert second.tokens == cold.tokens
+    # a repeated prompt reuses all but its last chunk, and gives the same tokens again
+    again = Sequence(b, max_tokens=12)
+    sched.submit([again])
+    while sched.step():
+        pass
+    assert again.cached_tokens == (len(b) - 1) // CHUNK * CHUNK and again.tokens == cold.tokens
+
+
+def test_eos_and_context_end_sequences(engine):
+    p = prompts((10,), seed=7)[0]
+    free = Sequence(p, max_tokens=30)
+    run_all(engine, [free])
+    eos = free.tokens[4]
+    sched = Scheduler(engine, [eos], max_concurrent=2, prefill_chunk=CHUNK)
+    s = Sequence(p, max_tokens=30)
+    sched.submit([s])
+    while sched.step():
+        pass
+    assert s.tokens == free.tokens[:free.tokens.index(eos) + 1] and s.finish_reason == "stop"
+    sched = Scheduler(engine, [], max_concurrent=2, prefill_chunk=CHUNK, max_seq_length=16)
+    s = Sequence(p, max_tokens=30)
+    sched.submit([s])
+    while sched.step():
+        pass
+    assert len(s.tokens) == 6 and s.finish_reason == "length"  # 10 prompt + 6 = the 16-token context
+
+
+def test_slot_cache_decode_logits_are_batch_invariant(engine):
+    """Rows at different lengths decoding together give bit-identical logits to each row alone."""
+    ps = prompts((3, 30, 11, 50))
+    slots = SlotCache(engine, 4, 256)
+    first = [slots.prefill(r, p, 0) for r, p in enumerate(ps)]
+    toks = [int(f.argmax()) for f in first]
+    together = slots.decode(toks, [len(p) for p in ps])
+    for r, p in enumerate(ps):
+        alone = SlotCache(engine, 4, 256)
+        assert torch.equal(alone.prefill(0, p, 0), first[r])
+        assert torch.equal(alone.decode([toks[r]], [len(p)])[0], together[r])
+
+
+def test_per_row_sampling_equals_one_row_sampling():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    params = [SamplingParams(), SamplingParams(do_sample=True, temperature=0.7, top_k=10),
+              SamplingParams(repetition_penalty=1.3), SamplingParams(do_sample=True, top_p=0.8, min_p=0.05)]
+    seen = [None, None, torch.zeros(50, dtype=torch.bool), None]
+    seen[2][logits[2].argmax()] = True
+    gens = [None, torch.Generator().manual_seed(1), None, torch.Generator().manual_seed(2)]
+    got = choose_tokens_per_row(logits, params, gens, seen)
+    refs = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    want = [choose_tokens(logits[0:1], params[0]), choose_tokens(logits[1:2], params[1], refs[0]),
+            choose_tokens(logits[2:3], params[2], None, seen[2][None]), choose_tokens(logits[3:4], params[3], refs[1])]
+    assert got.tolist() == [int(w) for w in want]
+    assert got[2] != logits[2].argmax()  # the penalty did act
