@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install generate test clean
+.PHONY: install browser generate test clean
 
 $(BIN)/llamazoo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,20 @@ install: $(BIN)/llamazoo
 generate: install
 	$(BIN)/llamazoo generate
 
-test: install
+# The chat page test (tests/test_serve_page.py) drives a headless Chromium: Debian's packages, installed
+# here when missing (as root; otherwise the command to run is printed).
+browser:
+	@if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium and chromium-driver (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "error: the tests need a headless Chromium: run 'sudo apt-get install chromium chromium-driver'" \
+	         "(Debian/Ubuntu) or put chromium and chromedriver on PATH" >&2; exit 1; \
+	  fi; \
+	fi
+
+test: install browser
 	$(BIN)/python -m pytest
 
 clean:
