@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect-data": ("llamazoo.commands.inspect_data", "show a packed HDF5 dataset: shapes, token types, decoded rows"),
     "train": ("llamazoo.commands.train", "fine-tune or pre-train on a prepared HDF5 dataset (the original's training app)"),
     "plan": ("llamazoo.commands.plan", "per-device memory of a training/generation layout, and the smallest that fits"),
+    "merge": ("llamazoo.commands.merge", "merge a LoRA adapter (PEFT format) into its base model: a full HF folder"),
 }
 
 

@@ -49,6 +49,9 @@ class ModelSection(Section):
 class CheckpointSection(Section):
     model_name_or_path: str | None = None
     config_name: str | None = None
+    # a LoRA adapter folder (PEFT's format): generate/chat merge it into the weights at load; train
+    # continues training it (its rank, alpha and target_modules)
+    adapter: str | None = None
 
 
 class ParallelSection(Section):
@@ -145,6 +148,39 @@ def load_config(schema: type[C], config_file: str | Path | None = None, override
 
 
 # -- training (llamazoo train) ------------------------------------------------------------------------
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRASection(Section):
+    """LoRA / QLoRA fine-tuning (llamazoo.model.lora): rank 0 trains every weight; rank > 0 freezes the
+    base model and trains adapters of that rank on target_modules (scaled by alpha / rank), the base kept
+    in its dtype (base_quantization none) or quantized (nf4: QLoRA's 4-bit NormalFloat with double
+    quantization; int8)."""
+
+    rank: int = Field(0, ge=0, description="0 = off (full fine-tuning)")
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+    base_quantization: Literal["none", "nf4", "int8"] = "none"
+
+    @field_validator("base_quantization", mode="before")
+    @classmethod
+    def _none_is_none(cls, v: Any) -> Any:
+        return "none" if v is None else v  # an override's `none` parses as null
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets(cls, v: Any) -> Any:
+        v = [v] if isinstance(v, str) else v
+        if isinstance(v, list):
+            v = list(LORA_TARGETS) if v == ["all-linear"] else v
+            bad = [t for t in v if t not in LORA_TARGETS]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not a projection of the decoder layers; expected some of "
+                                 f"{', '.join(LORA_TARGETS)} (or all-linear)")
+        return v
+
+
 class TrainingSection(Section):
     """The original Model Zoo training keys (same names and defaults) plus what it lacked."""
 
@@ -174,6 +210,7 @@ class TrainingSection(Section):
     resume_from: str | None = None
     log_every_steps: int = Field(1, ge=1)
     tensorboard: bool = False
+    lora: LoRASection = LoRASection()
 
 
 class TrainConfig(Section):

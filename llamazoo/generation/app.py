@@ -63,8 +63,23 @@ def load(cfg: GenerateConfig, model_loader: Callable[..., Any] | None = None) ->
     folder = Path(resolve_checkpoint(name))
     model = (model_loader or load_model)(str(folder), dtype=cfg.model.dtype, device=cfg.model.torch_device(),
                        opts=cfg.model.precision_options())
+    if cfg.checkpoint.adapter:
+        apply_adapter(model, cfg.checkpoint.adapter, sharded=model_loader is not None)
     tokenizer = load_tokenizer(str(folder))
     return Loaded(model, tokenizer, folder if folder.is_dir() else None, time.perf_counter() - t0)
+
+
+def apply_adapter(model, folder: str, sharded: bool = False) -> None:
+    """checkpoint.adapter: a LoRA adapter merged into the weights at load (W + alpha/r * B A, computed in
+    fp32 and rounded once to the model's dtype). Merged, it costs nothing per token and every fast path
+    (packed CPU projections, the compiled decode) applies unchanged; unmerged it would add two thin
+    matmuls to every projection of every step and turn those paths off."""
+    from llamazoo.io.adapter import load_adapter
+
+    if sharded:
+        raise ValueError("checkpoint.adapter with a tensor-parallel model: merge the adapter into a HF folder "
+                         "first (llamazoo merge --base B --adapter A --output DIR) and generate from that folder")
+    load_adapter(model, folder, merge=True)
 
 
 def default_eos_ids(model, tokenizer, folder: Path | None) -> list[int]:
@@ -179,6 +194,7 @@ def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO |
                            on_row_start=on_row_start)
     header = {
         "model": cfg.checkpoint.model_name_or_path or "default (SmolLM2-135M-Instruct)",
+        **({"adapter": f"{cfg.checkpoint.adapter} (merged)"} if cfg.checkpoint.adapter else {}),
         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
         "device": str(model.lm_head.weight.device),
         "threads": torch.get_num_threads(),

@@ -52,7 +52,11 @@ def linear_bytes(model: nn.Module) -> int:
 
 def can_pack(model: nn.Module) -> str | None:
     """None when packing applies, else why not."""
+    from llamazoo.model.lora import has_lora_or_quantized
+
     w = model.lm_head.weight
+    if has_lora_or_quantized(model):  # packing would take the base weights alone
+        return "the model has unmerged LoRA adapters or quantized layers (llamazoo.model.lora.merge_lora merges them)"
     if not _available():
         return "this torch build has no oneDNN linear ops"
     if w.device.type != "cpu":

@@ -154,7 +154,11 @@ def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     names and state_dict are unchanged). Under torch.compile, one row on CPU (batch-1 decode) is a
     multiply-reduce: inductor fuses it into one pass over the weight at close to memory bandwidth, ~1.5x
     the extern matrix-vector call `F.linear` becomes. Both accumulate in fp32, like the GEMMs.
+    Any other module (a LoRA layer, a quantized linear: llamazoo.model.lora) is simply called, so that
+    no fast path can drop what it adds to its weight.
     """
+    if not isinstance(lin, nn.Linear):
+        return lin(x)
     if torch.compiler.is_compiling():
         w = lin.weight
         if x.numel() == x.shape[-1] and w.device.type == "cpu" and not hasattr(w, "placements"):

@@ -142,7 +142,7 @@ class Trainer:
         self.device = torch.device(cfg.model.torch_device())
         self.weights_dtype = weights_dtype(cfg, self.hooks.handles_mixed_precision)
         torch.manual_seed(t.seed)
-        self.core = load_model(cfg, self.ds, self.weights_dtype, self.device)  # never wrapped: config, saving
+        self.core = load_model(cfg, self.ds, self.weights_dtype, self.load_device())  # never wrapped: config, saving
         self.tokenizer = find_tokenizer(cfg, self.ds, self.is_main)
         self.sampler = BatchSampler(len(self.ds.train), t.batch_size, t.seed, self.dp.rank, self.dp.size)
         self.micro_total, self.total_steps = step_budget(cfg, self.sampler.batches_per_epoch)
@@ -165,6 +165,11 @@ class Trainer:
         self.dev_loss: float | None = None
 
     # -- what a fine-tuning method changes -------------------------------------------------------------------
+    def load_device(self) -> torch.device:
+        """Where the loaded weights land; prepare_model puts the model on self.device (QLoRA loads on the
+        CPU and quantizes onto the device layer by layer)."""
+        return self.device
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """The loaded model -> the model to train. Full fine-tuning trains every weight as loaded; a
         method such as LoRA adds its adapters and freezes the base here (requires_grad decides what
@@ -348,9 +353,18 @@ class Trainer:
         c.micro_batches = c.step * self.t.grad_accumulation_steps
 
 
+def trainer_class(cfg: TrainConfig) -> type[Trainer]:
+    """Full fine-tuning, or LoRA / QLoRA (training.lora.rank > 0, or an adapter to train further)."""
+    if cfg.training.lora.rank > 0 or cfg.checkpoint.adapter:
+        from llamazoo.training.lora import LoRATrainer
+
+        return LoRATrainer
+    return Trainer
+
+
 def train(cfg: TrainConfig, hooks: TrainHooks | None = None, progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) a training run as configured; returns a summary dict."""
-    trainer = Trainer(cfg, hooks, progress)
+    trainer = trainer_class(cfg)(cfg, hooks, progress)
     try:
         return trainer.fit()
     finally:
