@@ -2,6 +2,7 @@
 
 Usage: llamazoo plan MODEL [--mode train|generate] [--dtype bf16|fp32] [--batch-size N] [--seq-len N]
        [--tp N] [--dp N] [--data-parallel ddp|fsdp] [--activation-checkpointing] [--device-memory GiB]
+       [--method full|lora|qlora] [--lora-rank N]
 MODEL is a named config (`llamazoo models`), a config.json, a HF folder or `default`.
 """
 from __future__ import annotations
@@ -23,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=int, default=1, help="data-parallel size (processes / TP size)")
     p.add_argument("--data-parallel", choices=("ddp", "fsdp"), default="ddp", help="parallel.data_parallel")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--method", choices=("full", "lora", "qlora"), default="full",
+                   help="training: every weight, LoRA adapters on a frozen base (training.lora.rank), or QLoRA "
+                        "(training.lora.base_quantization=nf4)")
+    p.add_argument("--lora-rank", type=int, default=16, help="training.lora.rank for --method lora/qlora")
     p.add_argument("--device-memory", type=float, default=80.0, metavar="GiB", help="memory of one device")
     p.add_argument("--headroom", type=float, default=0.1,
                    help="fraction of device memory kept free for the CUDA context and fragmentation")
@@ -30,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from llamazoo.distributed.plan import Layout, Workload, format_plan, plan_memory, smallest_layout
     from llamazoo.io.default import resolve_checkpoint
     from llamazoo.io.hf import read_config
@@ -40,12 +47,23 @@ def run(args: argparse.Namespace) -> int:
     seq = args.seq_len or min(cfg.max_position_embeddings, 4096)
     if not 0 <= args.headroom < 1:
         raise ValueError(f"--headroom must be in [0, 1) (got {args.headroom})")
+    if args.lora_rank < 1:
+        raise ValueError(f"--lora-rank must be >= 1 (got {args.lora_rank})")
+    if args.method != "full" and args.mode != "train":
+        raise ValueError(f"--method {args.method} plans training; generation with an adapter merges it into the "
+                         f"weights (plan it with --method full)")
     w = Workload(mode=args.mode, dtype=args.dtype, batch_size=args.batch_size, seq_len=seq,
-                 activation_checkpointing=args.activation_checkpointing)
+                 activation_checkpointing=args.activation_checkpointing, method=args.method,
+                 lora_rank=args.lora_rank)
     title = f"{name} ({cfg.num_parameters / 1e9:.2f} B parameters)"
-    plan = plan_memory(cfg, w, Layout(tp=args.tp, dp=args.dp, data_parallel=args.data_parallel),
-                       args.device_memory, args.headroom)
+    layout = Layout(tp=args.tp, dp=args.dp, data_parallel=args.data_parallel)
+    plan = plan_memory(cfg, w, layout, args.device_memory, args.headroom)
     print(format_plan(plan, title))
+    if args.mode == "train" and args.method == "full":
+        other = {m: plan_memory(cfg, replace(w, method=m), layout, args.device_memory, args.headroom)
+                 for m in ("lora", "qlora")}
+        print(f"  (LoRA rank {w.lora_rank}: {other['lora'].total / 2**30:.2f} GiB; QLoRA: "
+              f"{other['qlora'].total / 2**30:.2f} GiB per device on this layout: --method lora|qlora for their rows)")
     best = smallest_layout(cfg, w, args.device_memory, args.headroom, max_tp=args.max_tp)
     print()
     if best is None:

@@ -8,6 +8,10 @@ data-parallel size; bytes per parameter follow what llamazoo's trainer keeps):
   bf16 training, FSDP2    weights 4 (fp32 shards; MixedPrecisionPolicy computes in bf16), gradients 4,
                           optimizer 8, plus the bf16 all-gather buffers of the layers in flight
   generation              weights only, plus the KV cache: 2 x layers x batch x length x KV heads/TP x head_dim
+  LoRA (method lora)      the frozen base in the training dtype (no gradients, no optimizer states), adapters
+                          r x (in + out) per adapted projection with gradients and AdamW (+ fp32 masters in bf16)
+  QLoRA (method qlora)    the same, the decoder projections stored in NF4 (0.516 bytes per weight: 4-bit codes,
+                          8-bit absmax per 64, fp32 scale per 256 blocks) plus one projection dequantized at a time
 
 Activations are what autograd saves per token and layer in llamazoo's model (residual stream in fp32 by
 default, RoPE copies of q and k, SDPA output, four MLP tensors), plus the LM head's fp32 log-softmax;
@@ -58,6 +62,8 @@ class Workload:
     seq_len: int = 2048  # training sequence length, or prompt + new tokens for generation
     activation_checkpointing: bool = False
     fp32_skip_add: bool = True  # the residual stream in fp32 (the Model Zoo's default)
+    method: str = "full"  # full | lora | qlora (training.lora.rank > 0; qlora: base_quantization nf4)
+    lora_rank: int = 16  # adapters on all seven decoder projections (training.lora.target_modules' default)
 
 
 @dataclass
@@ -76,10 +82,13 @@ class MemoryPlan:
     device_bytes: int
     headroom: float
     rows: dict[str, int] = field(default_factory=dict)
+    adapters: int = 0  # LoRA: the adapter weights (`weights` is then the frozen base)
+    dequant_buffer: int = 0  # QLoRA: the projection being dequantized
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.kv_cache + self.fsdp_buffers
+        return (self.weights + self.adapters + self.gradients + self.optimizer + self.activations + self.kv_cache
+                + self.fsdp_buffers + self.dequant_buffer)
 
     @property
     def usable(self) -> int:
@@ -112,6 +121,25 @@ def parameters_per_device(cfg: LlamaConfig, layout: Layout) -> int:
     p = cfg.num_hidden_layers * layer_parameters(cfg, layout.tp) + embedding_parameters(cfg, layout.tp) \
         + cfg.hidden_size
     return -(-p // layout.shards)
+
+
+def projection_shapes(cfg: LlamaConfig, tp: int = 1) -> list[tuple[int, int]]:
+    """(in, out) of the seven linear projections of one decoder layer on one TP rank."""
+    h, q, kv, i = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, \
+        cfg.intermediate_size
+    return [(h, q // tp), (h, kv // tp), (h, kv // tp), (q // tp, h), (h, i // tp), (h, i // tp), (i // tp, h)]
+
+
+def lora_parameters(cfg: LlamaConfig, rank: int, tp: int = 1) -> int:
+    """Adapter parameters (lora_A: rank x in, lora_B: out x rank) on every projection of every layer."""
+    return cfg.num_hidden_layers * sum(rank * (a + b) for a, b in projection_shapes(cfg, tp))
+
+
+def nf4_bytes(n: int) -> int:
+    """Bytes of n weights in llamazoo's NF4 (llamazoo.model.quant): codes, int8 block absmax, fp32 scales
+    of 256 blocks and their mean."""
+    blocks = -(-n // 64)
+    return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4
 
 
 # -- activations --------------------------------------------------------------------------------------
@@ -149,6 +177,10 @@ def activation_bytes(cfg: LlamaConfig, w: Workload, tp: int = 1) -> int:
         s = DTYPE_BYTES[w.dtype]
         return int(tokens * (layer / 2 + cfg.vocab_size * (4 + s)))
     head = head_activation_bytes_per_token(cfg, w, tp)
+    if w.method != "full":
+        # Frozen projections keep nothing for their weights, but the adapters keep the same inputs (all seven
+        # projections adapted), plus lora_A's output (rank values) for lora_B's gradient.
+        layer += 7 * w.lora_rank * DTYPE_BYTES[w.dtype]
     if w.activation_checkpointing:
         # Layer inputs are kept. The peak is either the loss's backward (the head's tensors plus the fp32
         # logits' gradient) or one recomputed layer, which comes after the head's tensors are freed.
@@ -182,6 +214,8 @@ def plan_memory(cfg: LlamaConfig, w: Workload, layout: Layout, device_gib: float
         raise ValueError(f"mode must be one of {', '.join(MODES)} (got {w.mode!r})")
     if w.dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)} (got {w.dtype!r})")
+    if w.method not in ("full", "lora", "qlora") or (w.method != "full" and w.mode != "train"):
+        raise ValueError(f"method must be full, lora or qlora, and lora/qlora train (got {w.method!r}, {w.mode!r})")
     if layout.data_parallel not in ("ddp", "fsdp"):
         raise ValueError(f"data parallel must be ddp or fsdp (got {layout.data_parallel!r})")
     if w.batch_size < 1 or w.seq_len < 1 or layout.tp < 1 or layout.dp < 1:
@@ -197,10 +231,35 @@ def plan_memory(cfg: LlamaConfig, w: Workload, layout: Layout, device_gib: float
         # Two layers gathered (the one computing and the one prefetched) and one layer's unsharded
         # gradients before their reduce-scatter; the root (embeddings, lm_head) stays gathered.
         fsdp_buffers = (3 * layer_parameters(cfg, layout.tp) + embedding_parameters(cfg, layout.tp)) * s
+    if w.method != "full":
+        return _lora_plan(cfg, w, layout, device_gib, headroom)
     return MemoryPlan(layout=layout, workload=w, params_per_device=p, weights=p * bw, gradients=p * bg,
                       optimizer=p * bo, activations=activation_bytes(cfg, w, layout.tp),
                       kv_cache=kv_cache_bytes(cfg, w, layout.tp), fsdp_buffers=fsdp_buffers,
                       device_bytes=int(device_gib * GiB), headroom=headroom)
+
+
+def _lora_plan(cfg: LlamaConfig, w: Workload, layout: Layout, device_gib: float, headroom: float) -> MemoryPlan:
+    """LoRA / QLoRA as llamazoo's LoRATrainer keeps them: the frozen base in the training dtype (QLoRA: its
+    projections in NF4), adapters in the training dtype with gradients, AdamW states and, in bf16, fp32
+    master copies. FSDP shards parameters: the adapters and a LoRA base, not QLoRA's NF4 buffers."""
+    s, tp, shards = DTYPE_BYTES[w.dtype], layout.tp, layout.shards
+    base = cfg.num_hidden_layers * layer_parameters(cfg, tp) + embedding_parameters(cfg, tp) + cfg.hidden_size
+    base_bytes = base * s
+    dequant = 0
+    if w.method == "qlora":
+        shapes = projection_shapes(cfg, tp)
+        proj = cfg.num_hidden_layers * sum(a * b for a, b in shapes)
+        base_bytes = -(-(base - proj) * s // shards) * shards \
+            + shards * cfg.num_hidden_layers * sum(nf4_bytes(a * b) for a, b in shapes)
+        # the largest projection dequantized: int32 byte indices, fp32 values, the result in the dtype
+        dequant = max(a * b for a, b in shapes) * (2 + 4 + s)
+    a = lora_parameters(cfg, w.lora_rank, tp)
+    optimizer = 8 if w.dtype == "fp32" else 12
+    return MemoryPlan(layout=layout, workload=w, params_per_device=-(-base // shards), weights=-(-base_bytes // shards),
+                      adapters=-(-a * s // shards), gradients=-(-a * s // shards),
+                      optimizer=-(-a * optimizer // shards), activations=activation_bytes(cfg, w, tp), kv_cache=0,
+                      fsdp_buffers=0, dequant_buffer=dequant, device_bytes=int(device_gib * GiB), headroom=headroom)
 
 
 def valid_tp_sizes(cfg: LlamaConfig, max_tp: int) -> list[int]:
@@ -212,10 +271,11 @@ def smallest_layout(cfg: LlamaConfig, w: Workload, device_gib: float = 80.0, hea
                     max_tp: int = 8, max_devices: int = 1024) -> MemoryPlan | None:
     """The layout with the fewest devices that fits (ties: less TP, whose all-reduces cost most).
 
-    Training considers TP (up to max_tp, one node) x FSDP; generation TP only (batch per replica).
+    Training considers TP (up to max_tp, one node) x FSDP; generation TP only (batch per replica); LoRA and
+    QLoRA FSDP only (llamazoo's LoRA runs data parallel).
     """
     best: MemoryPlan | None = None
-    for tp in valid_tp_sizes(cfg, max_tp):
+    for tp in valid_tp_sizes(cfg, max_tp if w.method == "full" else 1):
         dps = [1] if w.mode == "generate" else [d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
                                                   if d * tp <= max_devices]
         for dp in dps:
@@ -235,13 +295,17 @@ def format_plan(p: MemoryPlan, title: str) -> str:
     def g(n: int) -> str:
         return f"{n / GiB:9.2f} GiB"
 
-    what = (f"{w.dtype} training, batch {w.batch_size} x {w.seq_len} per device"
+    method = {"full": "", "lora": f"LoRA (rank {w.lora_rank}) ", "qlora": f"QLoRA (NF4 base, rank {w.lora_rank}) "}
+    what = (f"{w.dtype} {method[w.method]}training, batch {w.batch_size} x {w.seq_len} per device"
             f"{', activation checkpointing' if w.activation_checkpointing else ''}" if w.mode == "train" else
             f"{w.dtype} generation, batch {w.batch_size}, {w.seq_len} tokens")
     lines = [f"{title}: {what}, {lay.describe()}",
              f"  parameters per device   {p.params_per_device / 1e9:9.3f} B"]
     rows = [("weights", p.weights), ("gradients", p.gradients), ("optimizer states", p.optimizer),
             ("activations", p.activations)]
+    if w.method != "full":
+        rows[:1] = [("base weights (frozen)", p.weights), ("adapters", p.adapters)]
+        rows += [("dequantization buffer", p.dequant_buffer)] if p.dequant_buffer else []
     if p.fsdp_buffers:
         rows.append(("FSDP gather buffers", p.fsdp_buffers))
     if w.mode == "generate":

@@ -59,14 +59,23 @@ def nf4_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"codes": packed, "absmax_q": absmax_q, "absmax_scale": scale.float(), "absmax_mean": mean.float()}
 
 
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """[256] int64: the bits of the two fp32 levels a packed byte holds (high nibble first), so that one
+    8-byte gather per byte decodes two weights."""
+    levels = torch.tensor(NF4_LEVELS, device=device)
+    byte = torch.arange(256, device=device)
+    return torch.stack((levels[byte >> 4], levels[byte & 15]), dim=-1).view(torch.int64).flatten()
+
+
 def nf4_dequantize(q: dict[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in `dtype`. Transient memory per weight: 2 bytes of int32 byte indices, 4 of fp32 values
+    (scaled in place), then the result."""
     packed = q["codes"]
-    codes = torch.stack((packed >> 4, packed & 15), dim=-1).flatten().long()
     n_blocks = q["absmax_q"].numel()
     scale = q["absmax_scale"].repeat_interleave(NF4_SCALE_BLOCK)[:n_blocks]
     absmax = q["absmax_q"].float() * scale + q["absmax_mean"]
-    levels = torch.tensor(NF4_LEVELS, device=packed.device)
-    w = levels[codes].view(n_blocks, NF4_BLOCK) * absmax[:, None]
+    w = _pair_table(packed.device).index_select(0, packed.to(torch.int32)).view(torch.float32)
+    w = w.view(n_blocks, NF4_BLOCK).mul_(absmax[:, None])
     return w.flatten()[:shape.numel()].view(shape).to(dtype)
 
 
