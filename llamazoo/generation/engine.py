@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from llamazoo.generation.packed import pack_for_inference
+from llamazoo.generation.packed import pack_for_inference, unpack
 from llamazoo.generation.sampling import SamplingParams, choose_tokens
 from llamazoo.model.llama import linear
 
@@ -134,7 +134,9 @@ class Engine:
     """Runs batches of token-id prompts through a `LlamaForCausalLM` with a static KV cache.
 
     pack=True (default) installs fused, prepacked CPU projections on the model for the eager steps (bf16:
-    the same numbers; fp32: summation order differs slightly); the model's parameters are untouched.
+    the same numbers; fp32: summation order differs slightly), in place of the plain weights, so they are
+    held once (the model's state_dict() unpacks them again); with compile=True the plain weights stay
+    too (twice the memory), as the compiled step reads them.
     compile=True compiles the one-token decode step with torch.compile, one decoder layer at a time
     (all layers share one graph, so a compile takes seconds, not minutes, and inductor's on-disk cache
     serves the next process) plus the LM head. Prefill stays eager. The compiled step sees the whole
@@ -146,7 +148,9 @@ class Engine:
                  max_seq_length: int | None = None, pack: bool = True):
         self.model = model
         # CPU: fused, prepacked projections (see packed.py); False where it does not apply
-        self.packed = pack and pack_for_inference(model)
+        self.packed = pack and pack_for_inference(model, in_place=not compile)
+        if compile and not self.packed:
+            unpack(model)  # weights another engine packed in place: the compiled step reads plain ones
         self.tok = tokenizer
         self.device = model.lm_head.weight.device
         self.compile = compile

@@ -1,0 +1,58 @@
+"""Returning the memory of weights read from memory-mapped files once they are replaced.
+
+A safetensors file is loaded as one private memory mapping of the whole file; every tensor's bytes lie in
+it, and the mapping goes away only when the last tensor of the file is freed. The pages of a tensor that
+were read stay resident until then, so replacing weights one at a time by packed or quantized copies
+(llamazoo.generation.packed, llamazoo.model.quantize) would hold the old bytes and the new ones together.
+`release_pages` drops the resident pages of one tensor's bytes at once (madvise MADV_DONTNEED on Linux).
+For a private file mapping that is safe even if something still reads the tensor: an unmodified page is
+read from the file again. Memory that is not a file mapping (a tensor the process computed) is left
+alone; freeing the tensor returns it.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+
+import torch
+
+_MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of the private file mappings of this process."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[1].endswith("p") and parts[5].startswith("/"):
+                start, end = (int(a, 16) for a in parts[0].split("-"))
+                out.append((start, end))
+    return out
+
+
+def release_pages(tensors: list[torch.Tensor]) -> int:
+    """Drops the resident whole pages of each tensor's bytes that lie in a private file mapping; returns
+    the bytes released (0 off Linux or for tensors in ordinary memory). Call when the tensors are no
+    longer needed (reading them later is still correct: the pages come from the file again)."""
+    if sys.platform != "linux" or not tensors:
+        return 0
+    try:
+        maps = _file_mappings()
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    page = mmap.PAGESIZE
+    released = 0
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+            continue
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        if not any(s <= lo and hi <= e for s, e in maps):
+            continue
+        a, b = -(-lo // page) * page, hi // page * page  # whole pages only: neighbours share the edges
+        if b > a and libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED) == 0:
+            released += b - a
+    return released
+

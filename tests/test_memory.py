@@ -1,0 +1,114 @@
+"""Weights held once during generation: the packed CPU projections replace the plain weights (which come
+back for state_dict and unpack), so the peak RSS of `generate` stays near the weights plus the KV cache."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from llamazoo.generation.engine import Engine
+from llamazoo.generation.packed import can_pack, pack_for_inference, unpack
+from llamazoo.io.hf import load_model, random_model, save_model
+from llamazoo.model.llama import LlamaConfig
+
+# ~214 MB of fp32 weights, untied (the LM head is packed too)
+MID = dict(vocab_size=16384, hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
+           num_key_value_heads=4, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def mid_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mid") / "model"
+    save_model(random_model(LlamaConfig(**MID), dtype=torch.float32, seed=3), out)
+    return out
+
+
+MEASURE = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    from llamazoo.generation.engine import Engine
+    from llamazoo.generation.packed import pack_for_inference
+    from llamazoo.io.hf import load_model
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def peak():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
+
+    # imports, oneDNN and the allocator warm up on a tiny model first: not the model's memory
+    Engine(load_model("tiny", seed=0), None).generate_batch([[1, 2, 3]], 4)
+    base = rss()
+    model = load_model(sys.argv[1])
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if sys.argv[2] == "copy":  # the plain weights kept beside the packed ones (what compile=true does)
+        pack_for_inference(model, in_place=False)
+    engine = Engine(model, None)
+    tokens = [r.token_ids for r in engine.generate_batch([[5, 6, 7, 8], [9, 10, 11, 12]], 8)]
+    kv = sum(2 * l.self_attn.kv_cache.k.numel() * l.self_attn.kv_cache.k.element_size() for l in model.model.layers)
+    print(json.dumps({"ratio": (peak() - base) / (weights + kv), "packed": engine.packed, "tokens": tokens}))
+""")
+
+
+def measure(folder, mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(folder), mode], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_generate_peak_rss_is_the_weights_once(mid_folder):
+    """Packed in place: peak RSS increase of load + pack + generate <= 1.15x (weights + KV cache); the
+    plain weights kept beside the packed copies (the previous default) need ~1.8x."""
+    once = measure(mid_folder, "once")
+    assert once["packed"]
+    assert once["ratio"] <= 1.15, once
+    copy = measure(mid_folder, "copy")
+    assert copy["ratio"] > 1.5, copy
+    assert once["tokens"] == copy["tokens"]
+    plain = Engine(load_model(mid_folder), None, pack=False)
+    assert [r.token_ids for r in plain.generate_batch([[5, 6, 7, 8], [9, 10, 11, 12]], 8)] == once["tokens"]
+
+
+def test_packed_in_place_holds_no_plain_copy_and_state_dict_unpacks(mid_folder):
+    model = load_model(mid_folder)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.inference_mode():
+        plain = model(ids)
+        assert pack_for_inference(model)
+        packed = model(ids)
+    lin = model.model.layers[0].mlp.down_proj
+    assert lin.weight.shape == (768, 2048) and lin.weight.stride() == (0, 0)  # a placeholder: no memory
+    assert model.lm_head.weight.stride() == (0, 0)
+    assert model.model.embed_tokens.weight.stride() == (768, 1)  # lookups need the embedding
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    sd = model.state_dict()  # unpacks first: the real weights, exactly
+    assert not model.packed_for_inference and lin.__dict__.get("packed") is None
+    assert list(sd) == list(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+    with torch.inference_mode():
+        assert torch.equal(model(ids), plain)
+    # packed again, then unpacked explicitly; a compiled engine (plain weights read) restores them too
+    assert pack_for_inference(model) and model.packed_for_inference
+    Engine(model, None, compile=True, pack=False)
+    assert all(torch.equal(model.state_dict()[k], ref[k]) for k in ref)
+
+
+def test_tied_head_stays_plain_and_packing_declines_lora_or_quantized(tmp_path):
+    cfg = LlamaConfig(**{**MID, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                         "num_attention_heads": 4, "num_key_value_heads": 2}, tie_word_embeddings=True)
+    model = random_model(cfg, seed=1)
+    assert pack_for_inference(model)
+    assert "packed" not in model.lm_head.__dict__ and model.lm_head.weight.stride() == (64, 1)
+    unpack(model)
+    model.model.layers[1].mlp.up_proj = torch.nn.Identity()  # stands for a LoRA or quantized layer
+    assert can_pack(model).startswith("the model has unmerged LoRA adapters or quantized layers")
+    assert not pack_for_inference(model)
