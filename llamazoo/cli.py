@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("llamazoo.commands.train", "fine-tune or pre-train on a prepared HDF5 dataset (the original's training app)"),
     "plan": ("llamazoo.commands.plan", "per-device memory of a training/generation layout, and the smallest that fits"),
     "merge": ("llamazoo.commands.merge", "merge a LoRA adapter (PEFT format) into its base model: a full HF folder"),
+    "eval": ("llamazoo.commands.eval", "perplexity of text or prepared data; lm-evaluation-harness tasks"),
 }
 
 

@@ -264,6 +264,37 @@ class GenerateConfig(Section):
     parallel: ParallelSection = ParallelSection()
 
 
+# -- evaluation (llamazoo eval perplexity / harness) ----------------------------------------------------
+class EvalSection(Section):
+    """`llamazoo eval`: what to score and where the results go.
+
+    perplexity: input is a .txt file (one document), a .jsonl file (one document per line: `text`, or
+    `prompt` + `completion`), a prepared HDF5 folder or one .hdf5 file (rows scored with the dataset's
+    loss weights). Documents are cut into windows of max_seq_length tokens starting every stride tokens;
+    each token after a document's first is scored once, by the first window holding it with context.
+    harness: batch_size and output apply; the tasks are command-line flags.
+    """
+
+    input: str | None = None
+    max_seq_length: int | None = Field(None, ge=2, description="window length; default: the model's "
+                                       "max_position_embeddings")
+    stride: int | None = Field(None, ge=1, description="tokens between window starts (< max_seq_length); "
+                               "default: max_seq_length // 2")
+    batch_size: int = Field(8, ge=1, description="windows, rows or requests per forward pass")
+    split: Literal["auto", "train", "dev"] = Field("auto", description="prepared folder: which files "
+                                                   "(auto: dev when there are dev files, else train)")
+    prompt_loss_weight: float = Field(1.0, ge=0, description="prepared data: weight of prompt tokens")
+    output: str | None = Field(None, description="results JSON file (written whole); none: print only")
+    threads: int | None = Field(None, ge=1, description="CPU threads; None: the cores other jobs leave idle")
+
+
+class EvalConfig(Section):
+    checkpoint: CheckpointSection = CheckpointSection()
+    model: ModelSection = ModelSection()
+    eval: EvalSection = EvalSection()
+    parallel: ParallelSection = ParallelSection()
+
+
 # -- serving (llamazoo serve) ---------------------------------------------------------------------------
 class ServeSection(Section):
     """The HTTP server. max_concurrent sequences decode together (continuous batching); up to max_queue
