@@ -311,6 +311,9 @@ class ServeSection(Section):
     prefill_chunk: int = Field(128, ge=16)
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds in-flight streams get after SIGTERM")
     log_every_s: float = Field(10.0, gt=0, description="progress line interval while busy")
+    batch_invariant: bool = Field(True, description="a sequence gives bit-identical numbers alone and among "
+                                  "others; false: a lone sequence may use faster one-row kernels (CPU fp32: "
+                                  "up to ~2x at one stream) that change its last digits")
 
 
 class ServeConfig(Section):

@@ -1,5 +1,6 @@
 """`llamazoo serve [--config FILE] [section.key=value ...]`: an OpenAI-compatible HTTP server with continuous
-batching (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, a chat page at /)."""
+batching (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, a chat page at /).
+Under `torchrun --nproc_per_node N ... parallel.tensor_parallel=N` rank 0 serves and all ranks decode."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llamazoo.config import ServeConfig, load_config
+    from llamazoo.distributed.generation_hooks import parallel_serving
     from llamazoo.serving.server import run_server
 
     cfg = load_config(ServeConfig, args.config, args.overrides)
-    return run_server(cfg)
+    with parallel_serving(cfg) as kwargs:  # {} unless launched by torchrun with parallel.tensor_parallel
+        if "follow" in kwargs:
+            return kwargs["follow"]()
+        return run_server(cfg, **kwargs)

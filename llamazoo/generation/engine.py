@@ -389,10 +389,12 @@ class SlotCache:
     longest sequence, not the model's context. Batch invariance: masked slots get zero weight in the
     attention, so a row's numbers do not depend on the other rows, except where the matmul kernel for
     one row differs from the kernel for several (oneDNN fp32: matrix-vector vs matrix-matrix); then
-    `min_rows` is 2 and a lone decoding row is paired with a scratch one (see `probe_min_rows`).
+    `min_rows` is 2 and a lone decoding row is paired with a scratch one (see `probe_min_rows`); that
+    costs time at one sequence (up to ~2x for fp32 on CPU), so batch_invariant=False skips it.
     """
 
-    def __init__(self, engine: "Engine", rows: int, max_seq_length: int, initial_length: int = 256):
+    def __init__(self, engine: "Engine", rows: int, max_seq_length: int, initial_length: int = 256,
+                 batch_invariant: bool = True):
         self.engine = engine
         self.model = engine.model
         self.rows = rows
@@ -403,7 +405,8 @@ class SlotCache:
         engine._cache_shape, engine._cached_ids = None, []  # generate_batch sets up its own cache again
         self.reserve(min(initial_length, max_seq_length))
         self.min_rows = 1
-        self.min_rows = self.probe_min_rows()
+        if batch_invariant:
+            self.min_rows = self.probe_min_rows()
 
     # -- memory --------------------------------------------------------------------------------------
     def reserve(self, length: int) -> None:

@@ -122,6 +122,7 @@ class _GenerationRequest(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's and llama.cpp's extension: generate max_tokens tokens (benchmarks)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -300,6 +301,7 @@ class Job:
                 i = len(self.seqs)
                 self.seqs.append(Sequence(
                     list(ids), want, params, None if seed is None else seed + j, list(stop), logprobs,
+                    ignore_eos=req.ignore_eos,
                     on_event=lambda ev, i=i: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))))
 
     def submit(self) -> None:

@@ -63,6 +63,7 @@ class Sequence:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
+    ignore_eos: bool = False  # run to max_tokens (benchmarks)
     on_event: Callable[[Event], None] = lambda e: None
     # state, written by the scheduler thread
     tokens: list[int] = field(default_factory=list)
@@ -97,7 +98,8 @@ class Scheduler:
 
     def __init__(self, engine, eos_ids, max_concurrent: int = 8, max_queue: int = 64,
                  prefill_chunk: int = 128, max_seq_length: int | None = None,
-                 on_token: Callable[[Sequence, float], None] | None = None, log_every_s: float = 10.0):
+                 on_token: Callable[[Sequence, float], None] | None = None, log_every_s: float = 10.0,
+                 batch_invariant: bool = True, slot_cache: Callable[..., SlotCache] = SlotCache):
         self.engine = engine
         self.tok = engine.tok
         self.eos = set(int(e) for e in eos_ids)
@@ -106,7 +108,8 @@ class Scheduler:
         self.chunk = prefill_chunk
         self.max_seq_length = max_seq_length or engine.max_seq_length
         self.on_token = on_token  # metrics hook: (sequence, seconds since its previous token or arrival)
-        self.slots = SlotCache(engine, max(max_concurrent, 2), self.max_seq_length)
+        # slot_cache: SlotCache or a subclass (tensor-parallel serving mirrors every call to the other ranks)
+        self.slots = slot_cache(engine, max(max_concurrent, 2), self.max_seq_length, batch_invariant=batch_invariant)
         n = self.slots.rows
         self.rows: list[Sequence | None] = [None] * n  # physical row -> its sequence
         self.row_ids: list[list[int]] = [[] for _ in range(n)]  # prompt tokens whose K/V the row holds
@@ -287,9 +290,9 @@ class Scheduler:
                 if seq.logprobs:
                     top = torch.topk(logp[b], seq.logprobs)
                     ev.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
-            reason = None
+            reason, hit = None, False
             st = seq.state
-            if tok in self.eos:
+            if tok in self.eos and not seq.ignore_eos:
                 reason = "stop"
             elif st is not None:
                 ev.text, hit = st.add_text(st.detok.push(tok))
@@ -299,7 +302,7 @@ class Scheduler:
                                    seq.cache_length + 1 >= self.max_seq_length):
                 reason = "length"
             if reason is not None:
-                if st is not None and not (reason == "stop" and tok not in self.eos):
+                if st is not None and not hit:
                     ev.text += st.finish()  # what was held back (no stop string completed)
                 seq.finish_reason = ev.finish_reason = reason
             if st is not None:

@@ -28,8 +28,10 @@ def served_name(cfg) -> str:
     return cfg.serve.served_model_name or Path(name).name or name
 
 
-def build_state(cfg, model_loader: Callable[..., Any] | None = None):
-    """Loads the model and builds the scheduler and the API's state (nothing runs yet)."""
+def build_state(cfg, model_loader: Callable[..., Any] | None = None, slot_cache: Callable[..., Any] | None = None):
+    """Loads the model and builds the scheduler and the API's state (nothing runs yet). model_loader and
+    slot_cache replace `load_model` and `SlotCache` (tensor-parallel serving, see
+    llamazoo.distributed.generation_hooks.parallel_serving)."""
     from llamazoo.generation.app import default_eos_ids, load
     from llamazoo.generation.engine import Engine
     from llamazoo.serving.api import ServerState
@@ -45,7 +47,8 @@ def build_state(cfg, model_loader: Callable[..., Any] | None = None):
     engine = Engine(model, tok, max_seq_length=max_seq_length)
     s = cfg.serve
     sched = Scheduler(engine, eos, max_concurrent=s.max_concurrent, max_queue=s.max_queue,
-                      prefill_chunk=s.prefill_chunk, max_seq_length=max_seq_length, log_every_s=s.log_every_s)
+                      prefill_chunk=s.prefill_chunk, max_seq_length=max_seq_length, log_every_s=s.log_every_s,
+                      batch_invariant=s.batch_invariant, **({"slot_cache": slot_cache} if slot_cache else {}))
     state = ServerState(
         scheduler=sched, tokenizer=tok, model_name=served_name(cfg), max_seq_length=max_seq_length, defaults=gen,
         default_max_tokens=gen.max_new_tokens if "max_new_tokens" in gen.model_fields_set else None,
@@ -120,13 +123,13 @@ def setup_logging() -> None:
         logger.propagate = False
 
 
-def run_server(cfg, model_loader: Callable[..., Any] | None = None) -> int:
+def run_server(cfg, model_loader: Callable[..., Any] | None = None, slot_cache: Callable[..., Any] | None = None) -> int:
     """The whole `llamazoo serve`, until SIGTERM/SIGINT."""
     from llamazoo.serving.api import build_app
 
     setup_logging()
     sock = bind(cfg.serve.host, cfg.serve.port)
-    state = build_state(cfg, model_loader)
+    state = build_state(cfg, model_loader, slot_cache)
     server = _uvicorn_server(build_app(state), cfg.serve.shutdown_timeout)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -139,6 +142,9 @@ def run_server(cfg, model_loader: Callable[..., Any] | None = None) -> int:
     finally:
         state.scheduler.stop()
         sock.close()
+        close = getattr(state.scheduler.slots, "close", None)
+        if close is not None:  # tensor parallel: the other ranks stop following
+            close()
     log.info("stopped")
     return 0
 

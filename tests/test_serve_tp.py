@@ -1,0 +1,67 @@
+"""`torchrun --nproc_per_node 2 -m llamazoo serve ... parallel.tensor_parallel=2`: rank 0 serves, both ranks
+decode their shard; concurrent requests give the one-process greedy tokens; SIGTERM to rank 0 ends the world
+with status 0."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from llamazoo.cli import main
+from serve_helpers import tiny_chat_folder
+from test_distributed_parallel import free_port, torchrun_env
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = ["The llama is", "A much longer prompt about alpacas, their wool and the markets of the Andes"]
+
+
+def test_tensor_parallel_serving_gives_one_process_tokens(tmp_path, default_model_dir, capsys):
+    folder = tiny_chat_folder(tmp_path / "tiny", default_model_dir)
+    common = [f"checkpoint.model_name_or_path={folder}", "model.device=cpu", "model.dtype=float32"]
+    assert main(["generate", *common, f"generation.prompts={json.dumps(PROMPTS)}", "generation.max_new_tokens=16",
+                 "generation.output_format=jsonl", f"generation.output_dir={tmp_path / 'gen'}"]) == 0
+    ref = [json.loads(line)["completion"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "llamazoo", "serve", *common, "parallel.tensor_parallel=2",
+           "serve.port=0", "serve.max_concurrent=4", "serve.prefill_chunk=16"]
+    proc = subprocess.Popen(cmd, env=torchrun_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        url = None
+        deadline = time.monotonic() + 180
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+            if " at http://" in line:
+                url = line.split(" at ")[1].split()[0]
+        got: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            r = httpx.post(url + "/v1/completions", timeout=120,
+                           json={"model": "tiny", "prompt": PROMPTS[i], "max_tokens": 16})
+            got[i] = r.json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [got[0], got[1]] == ref
+        # SIGTERM to rank 0 (torchrun's own SIGTERM handler ends with status 1 whatever the workers do):
+        # it stops serving, tells rank 1 to stop, both exit 0, so torchrun does too
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        rank0 = [w for w in workers if w.environ().get("RANK") == "0" and "llamazoo" in " ".join(w.cmdline())]
+        assert len(rank0) == 1
+        rank0[0].send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, "".join(lines) + proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
