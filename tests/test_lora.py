@@ -230,3 +230,18 @@ def test_generate_with_checkpoint_adapter_equals_generating_from_the_merged_fold
     assert cli_main(["merge", "--base", str(out), "--adapter", str(tmp_path / "nope"), "--output",
                      str(tmp_path / "m2")]) == 1
     assert "llamazoo merge: error: " in capsys.readouterr().err
+
+
+def test_fused_head_loss_with_a_frozen_head_gives_the_hidden_gradient_alone():
+    """LoRA freezes the LM head: the fused loss then skips the head's [V, H] gradient matmul."""
+    from llamazoo.training.loss import weighted_linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(12, 16, requires_grad=True)
+    weight = torch.randn(40, 16)  # frozen
+    labels, w = torch.randint(0, 40, (12,)), torch.rand(12)
+    weighted_linear_cross_entropy(h, weight, labels, w, chunk=5).backward()
+    ref_h = h.detach().clone().requires_grad_()
+    (F.cross_entropy(ref_h @ weight.t(), labels, reduction="none") * w).sum().backward()
+    torch.testing.assert_close(h.grad, ref_h.grad)
+    assert weight.grad is None

@@ -17,8 +17,10 @@ class _WeightedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, w: torch.Tensor,
                 chunk: int) -> torch.Tensor:
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # a frozen head (LoRA) or frozen hidden states need no gradient: skip its matmul (and zeroed buffer)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], chunk):
             hc, yc, wc = h[s:s + chunk], labels[s:s + chunk], w[s:s + chunk]
@@ -29,15 +31,18 @@ class _WeightedLinearCrossEntropy(torch.autograd.Function):
             probs = logp.exp_()
             probs.scatter_add_(1, yc[:, None], torch.full_like(wc[:, None], -1.0))
             g = probs.to(weight.dtype)
-            grad_h[s:s + chunk] = (g @ weight) * wc[:, None].to(h.dtype)
-            grad_w.addmm_(g.t().float(), (hc * wc[:, None].to(hc.dtype)).float())  # .float() is free on fp32
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+            if need_h:
+                grad_h[s:s + chunk] = (g @ weight) * wc[:, None].to(h.dtype)
+            if need_w:
+                grad_w.addmm_(g.t().float(), (hc * wc[:, None].to(hc.dtype)).float())  # .float() is free on fp32
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
+        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_out.to(grad_w.dtype), None, None, None)
 
 
 def weighted_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
