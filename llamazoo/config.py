@@ -31,6 +31,16 @@ class ModelSection(Section):
     max_seq_length: int | None = None
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     device: Literal["cpu", "cuda", "auto"] = "auto"
+    quantize: Literal["none", "int8", "int4"] = Field(
+        "none", description="generate/chat/serve/eval: weight-only quantization of the projections at load "
+        "(int8 per channel; int4 in groups of quantize_group_size, the LM head int8); a quantized folder "
+        "(llamazoo convert --quantize) loads as it is")
+    quantize_group_size: Literal[32, 64, 128, 256] = Field(32, description="int4: weights per scale and zero")
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _quantize_none(cls, v: Any) -> Any:
+        return "none" if v is None else v  # an override's `none` parses as null
 
     def precision_options(self):
         from llamazoo.model.llama import PrecisionOptions
@@ -280,7 +290,8 @@ class EvalSection(Section):
                                        "max_position_embeddings")
     stride: int | None = Field(None, ge=1, description="tokens between window starts (< max_seq_length); "
                                "default: max_seq_length // 2")
-    batch_size: int = Field(8, ge=1, description="windows, rows or requests per forward pass")
+    batch_size: int = Field(8, ge=1, description="windows (text) or rows (prepared data) per forward pass; "
+                            "harness: the tensor lm_eval's hf backend runs for this many requests")
     split: Literal["auto", "train", "dev"] = Field("auto", description="prepared folder: which files "
                                                    "(auto: dev when there are dev files, else train)")
     prompt_loss_weight: float = Field(1.0, ge=0, description="prepared data: weight of prompt tokens")

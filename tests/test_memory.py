@@ -47,7 +47,7 @@ MEASURE = textwrap.dedent("""
     Engine(load_model("tiny", seed=0), None).generate_batch([[1, 2, 3]], 4)
     base = rss()
     model = load_model(sys.argv[1])
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     if sys.argv[2] == "copy":  # the plain weights kept beside the packed ones (what compile=true does)
         pack_for_inference(model, in_place=False)
     engine = Engine(model, None)
@@ -76,6 +76,19 @@ def test_generate_peak_rss_is_the_weights_once(mid_folder):
     assert once["tokens"] == copy["tokens"]
     plain = Engine(load_model(mid_folder), None, pack=False)
     assert [r.token_ids for r in plain.generate_batch([[5, 6, 7, 8], [9, 10, 11, 12]], 8)] == once["tokens"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_generate_from_a_quantized_folder_holds_its_weights_once(mid_folder, tmp_path):
+    """An int4 folder: codes reordered into the kernel's layout and scales into its bf16 tensor as they
+    load (the mmapped stored bytes released), so the peak stays near the quantized weights + KV cache."""
+    from llamazoo.model.quantize import quantize_model
+
+    model = load_model(mid_folder, dtype="bfloat16")
+    quantize_model(model, "int4", 32)
+    save_model(model, tmp_path / "int4")
+    once = measure(tmp_path / "int4", "once")
+    assert not once["packed"] and once["ratio"] <= 1.15, once
 
 
 def test_packed_in_place_holds_no_plain_copy_and_state_dict_unpacks(mid_folder):

@@ -65,6 +65,14 @@ def load(cfg: GenerateConfig, model_loader: Callable[..., Any] | None = None) ->
                        opts=cfg.model.precision_options())
     if cfg.checkpoint.adapter:
         apply_adapter(model, cfg.checkpoint.adapter, sharded=model_loader is not None)
+    if cfg.model.quantize != "none":
+        if model_loader is not None:
+            raise ValueError("model.quantize with a tensor-parallel model: write a quantized folder first "
+                             "(llamazoo convert --quantize) and run it in one process")
+        from llamazoo.io.mapped import release_pages
+        from llamazoo.model.quantize import quantize_model
+
+        quantize_model(model, cfg.model.quantize, cfg.model.quantize_group_size, release=release_pages)
     tokenizer = load_tokenizer(str(folder))
     return Loaded(model, tokenizer, folder if folder.is_dir() else None, time.perf_counter() - t0)
 

@@ -25,6 +25,7 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_KEPT_LAYERS = tuple(f"{v}.weight" for k, v in _LAYER_NAMES.items() if not k.endswith("norm")) + ("lm_head.weight",)
 
 
 def _field(reader, key: str, default=None):
@@ -85,14 +86,27 @@ def gguf_config(reader, source: str) -> LlamaConfig:
     )
 
 
-def gguf_state_dict(reader, cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def gguf_state_dict(reader, cfg: LlamaConfig, dtype: torch.dtype, keep_quantized: bool = False
+                    ) -> dict[str, torch.Tensor]:
+    """keep_quantized: Q8_0 / Q4_0 / Q4_1 projection and LM head matrices stay int8 / int4 tensors
+    (llamazoo.io.quantized), everything else is dequantized to `dtype`."""
     from gguf.quants import dequantize
+
+    from llamazoo.io.quantized import GGUF_KEPT, gguf_block_tensors
 
     sd = {}
     for t in reader.tensors:
+        name = hf_name(t.name)
+        if keep_quantized and t.tensor_type.name in GGUF_KEPT and name.endswith(_KEPT_LAYERS) and len(t.shape) == 2:
+            rows, cols = int(t.shape[1]), int(t.shape[0])
+            q = gguf_block_tensors(t.data, t.tensor_type.name, rows, cols)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):  # rows, so the codes and scales alike
+                heads = cfg.num_attention_heads if name.endswith("q_proj.weight") else cfg.num_key_value_heads
+                q = {k: torch.from_numpy(np.ascontiguousarray(unpermute_rope(v.numpy(), heads))) for k, v in q.items()}
+            sd.update({f"{name[:-len('.weight')]}.{k}": v for k, v in q.items()})
+            continue
         w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim == 1 and len(t.shape) > 1 else w
-        name = hf_name(t.name)
         if name.endswith("self_attn.q_proj.weight"):
             w = unpermute_rope(w, cfg.num_attention_heads)
         elif name.endswith("self_attn.k_proj.weight"):
@@ -101,8 +115,10 @@ def gguf_state_dict(reader, cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, t
     return sd
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Writes a HF folder (config, weights, tokenizer) from a GGUF Llama file."""
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                 keep_quantized: bool = False):
+    """Writes a HF folder (config, weights, tokenizer) from a GGUF Llama file (keep_quantized: see
+    gguf_state_dict; the folder is then a quantized one, loaded without a float step)."""
     from gguf import GGUFReader
 
     from llamazoo.io.damaged import DamagedFileError
@@ -116,7 +132,11 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     except Exception as e:
         raise DamagedFileError(path, "GGUF", e) from None  # a truncated file fails here: every tensor is mapped
     cfg = gguf_config(reader, str(path))
-    sd = gguf_state_dict(reader, cfg, dtype)
+    sd = gguf_state_dict(reader, cfg, dtype, keep_quantized)
+    if any(k.endswith(".weight_q") for k in sd):
+        from llamazoo.io.quantized import folder_quantization_config
+
+        cfg.quantization_config = folder_quantization_config(sd)
     tokenizer = gguf_tokenizer(path)
     name = _field(reader, "general.name")
     return save_state_dict_folder(sd, cfg, out_dir, tokenizer=tokenizer,

@@ -172,7 +172,8 @@ def load_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype, devi
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, expected "
                              f"{tuple(expected[name].shape)} from config.json")
-        loaded[name] = t.to(device=device, dtype=dtype)
+        # parameters take the model's dtype; buffers (quantized codes and scales) load as stored
+        loaded[name] = t.to(device=device, dtype=dtype if isinstance(expected[name], torch.nn.Parameter) else None)
     missing = [n for n in expected if n not in loaded and not (tied and n == "lm_head.weight")]
     if missing:
         raise ValueError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
@@ -203,8 +204,18 @@ def load_model(path_or_name: str | os.PathLike = "default", dtype: str | torch.d
     files = weight_files(folder)  # fail on a missing shard before any work
     target = target or checkpoint_dtype(folder, cfg)
     model = build_model(cfg, opts, device="meta")
+    if cfg.quantization_config:  # int8 / int4 layers (llamazoo.model.quantize), loaded without a float step
+        from llamazoo.io.quantized import quantized_layer_specs
+        from llamazoo.model.quantize import quantized_skeleton
+
+        quantized_skeleton(model, quantized_layer_specs(files), target)
     load_weights(model, folder, target, device)
     _materialize_buffers(model, device)
+    if cfg.quantization_config:
+        from llamazoo.io.mapped import release_pages
+        from llamazoo.model.quantize import prepare_quantized
+
+        prepare_quantized(model, release_pages)
     model.config.torch_dtype = dtype_name(target)
     del files
     return model.eval()

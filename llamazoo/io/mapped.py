@@ -7,7 +7,9 @@ were read stay resident until then, so replacing weights one at a time by packed
 `release_pages` drops the resident pages of one tensor's bytes at once (madvise MADV_DONTNEED on Linux).
 For a private file mapping that is safe even if something still reads the tensor: an unmodified page is
 read from the file again. Memory that is not a file mapping (a tensor the process computed) is left
-alone; freeing the tensor returns it.
+alone; freeing the tensor returns it, except that glibc keeps freed blocks below its (adaptive) mmap
+threshold in its heap: temporaries of a few MB freed between long-lived tensors pile up there (+30 MB
+on a 70 MB int4 model), so release_pages also hands free heap memory back (malloc_trim).
 """
 from __future__ import annotations
 
@@ -33,16 +35,19 @@ def _file_mappings() -> list[tuple[int, int]]:
 
 
 def release_pages(tensors: list[torch.Tensor]) -> int:
-    """Drops the resident whole pages of each tensor's bytes that lie in a private file mapping; returns
-    the bytes released (0 off Linux or for tensors in ordinary memory). Call when the tensors are no
-    longer needed (reading them later is still correct: the pages come from the file again)."""
-    if sys.platform != "linux" or not tensors:
+    """Drops the resident whole pages of each tensor's bytes that lie in a private file mapping and trims
+    the heap; returns the mapped bytes released (0 off Linux or for tensors in ordinary memory). Call when
+    the tensors are no longer needed (reading them later is still correct: the pages come from the file
+    again)."""
+    if sys.platform != "linux":
         return 0
     try:
         maps = _file_mappings()
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return 0
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
     page = mmap.PAGESIZE
     released = 0
     for t in tensors:

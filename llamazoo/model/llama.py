@@ -40,6 +40,8 @@ class LlamaConfig:
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
     torch_dtype: str | None = None
+    # a quantized checkpoint's description (llamazoo.model.quantize); None for float weights
+    quantization_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -85,6 +87,8 @@ class LlamaConfig:
 
     def to_hf(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["quantization_config"] is None:
+            del d["quantization_config"]
         d.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
                  attention_dropout=0.0, pretraining_tp=1, use_cache=True)
         return d

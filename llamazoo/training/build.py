@@ -77,7 +77,13 @@ def load_model(cfg: TrainConfig, ds: PreparedDataset, dtype: torch.dtype, device
 
     ck = cfg.checkpoint
     source = ck.model_name_or_path or ck.config_name
+    if cfg.model.quantize != "none":
+        raise ValueError("model.quantize is for generate/chat/serve/eval; to train adapters on a quantized base "
+                         "use training.lora.base_quantization")
     model = load_hf_model(source, dtype=dtype, device=device, opts=cfg.model.precision_options(), seed=cfg.training.seed)
+    if model.config.quantization_config:
+        raise ValueError(f"{source}: a quantized folder (int8/int4 weights for inference) cannot be trained; train "
+                         f"from the float checkpoint it was made from")
     vocab = ds.metadata.get("vocab_size")
     if vocab is not None and int(vocab) > model.config.vocab_size:
         raise ValueError(f"the dataset {ds.folder} was tokenized with a vocabulary of {vocab} tokens but the model "
