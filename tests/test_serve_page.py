@@ -57,7 +57,7 @@ def test_chat_page_three_turns_stop_and_screenshot(default_model_dir, tmp_path, 
             page.find_element(By.ID, "system").send_keys("You are a helpful assistant. Answer briefly.")
             tokens = page.find_element(By.ID, "max-tokens")
             tokens.clear()
-            tokens.send_keys("40")
+            tokens.send_keys("24")
             questions = ["What is the capital of France?", "And of Italy?", "Name one famous dish from there."]
             for turn, question in enumerate(questions, 1):
                 box = page.find_element(By.ID, "input")

@@ -167,3 +167,20 @@ def test_per_row_sampling_equals_one_row_sampling():
             choose_tokens(logits[2:3], params[2], None, seen[2][None]), choose_tokens(logits[3:4], params[3], refs[1])]
     assert got.tolist() == [int(w) for w in want]
     assert got[2] != logits[2].argmax()  # the penalty did act
+
+
+def test_slot_cache_grows_and_moves_rows(engine):
+    """A cache grown inside a step keeps its rows, and rows can be swapped and copied afterwards."""
+    p, q = prompts((40, 9), seed=11)
+    slots = SlotCache(engine, 3, 256, initial_length=32)
+    a = slots.prefill(0, p, 0)  # 40 tokens: the cache doubles to 64 slots
+    b = slots.prefill(1, q, 0)
+    assert slots.length == 64
+    toks = [int(a.argmax()), int(b.argmax())]
+    ref = slots.decode(toks, [40, 9])
+    slots.reserve(200)
+    assert slots.length == 256
+    slots.swap(0, 1, 41)
+    slots.copy_prefix(0, 2, 10)
+    swapped = slots.decode(toks[::-1], [9, 40])
+    assert torch.equal(swapped[0], ref[1]) and torch.equal(swapped[1], ref[0])

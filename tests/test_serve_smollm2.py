@@ -11,7 +11,7 @@ from llamazoo.cli import main
 from serve_helpers import running_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-NEW = 24
+NEW = 16
 
 
 def generate(tmp_path, capsys, prompt: str, chat: bool) -> dict:

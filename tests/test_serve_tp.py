@@ -1,6 +1,6 @@
 """`torchrun --nproc_per_node 2 -m llamazoo serve ... parallel.tensor_parallel=2`: rank 0 serves, both ranks
-decode their shard; concurrent requests give the one-process greedy tokens; SIGTERM to rank 0 ends the world
-with status 0."""
+decode their shard; concurrent requests give the one-process greedy tokens; SIGTERM to rank 0 lets the stream
+in flight finish, then ends the world with status 0; one access-log line per request."""
 from __future__ import annotations
 
 import json
@@ -55,13 +55,34 @@ def test_tensor_parallel_serving_gives_one_process_tokens(tmp_path, default_mode
         for t in threads:
             t.join(120)
         assert [got[0], got[1]] == ref
-        # SIGTERM to rank 0 (torchrun's own SIGTERM handler ends with status 1 whatever the workers do):
-        # it stops serving, tells rank 1 to stop, both exit 0, so torchrun does too
+        # SIGTERM to rank 0 with a stream in flight (torchrun's own SIGTERM handler ends with status 1
+        # whatever the workers do): it stops accepting, lets the stream finish, tells rank 1 to stop, both
+        # exit 0, so torchrun does too
+        result: dict = {}
+
+        def long_stream() -> None:
+            with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
+                    "model": "tiny", "prompt": "Hello", "max_tokens": 150, "stream": True, "ignore_eos": True}) as r:
+                result["lines"] = [line for line in r.iter_lines() if line]
+
+        t = threading.Thread(target=long_stream)
+        t.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/health").json()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
         workers = psutil.Process(proc.pid).children(recursive=True)
         rank0 = [w for w in workers if w.environ().get("RANK") == "0" and "llamazoo" in " ".join(w.cmdline())]
         assert len(rank0) == 1
         rank0[0].send_signal(signal.SIGTERM)
+        assert t.is_alive()  # the stream was in flight
+        t.join(120)
         assert proc.wait(60) == 0, "".join(lines) + proc.stderr.read()
+        assert result["lines"][-1] == "data: [DONE]"
+        assert json.loads(result["lines"][-2][6:])["choices"][0]["finish_reason"] == "length"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health")
+        log = "".join(lines) + proc.stderr.read()
+        assert log.count('"POST /v1/completions" 200') == 3 and "prompt=1 cached=0 completion=150" in log
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -408,7 +408,8 @@ class SlotCache:
         if batch_invariant:
             self.min_rows = self.probe_min_rows()
 
-    # -- memory --------------------------------------------------------------------------------------
+    # -- memory (every method runs in inference mode: a cache made there may only change there) --------
+    @torch.inference_mode()
     def reserve(self, length: int) -> None:
         """Makes every row at least `length` slots long (doubling; existing slots are kept)."""
         if length <= self.length:
@@ -439,6 +440,7 @@ class SlotCache:
             layer.self_attn.kv_cache = view
 
     # -- row moves -----------------------------------------------------------------------------------
+    @torch.inference_mode()
     def swap(self, a: int, b: int, n: int) -> None:
         """Exchanges the first n slots of rows a and b."""
         if a == b or n <= 0:
@@ -449,6 +451,7 @@ class SlotCache:
                 t[a, :, :n] = t[b, :, :n]
                 t[b, :, :n] = tmp
 
+    @torch.inference_mode()
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Copies the first n slots of row src into row dst."""
         if src == dst or n <= 0:
