@@ -3,8 +3,9 @@
 One scheduler thread owns the model. Each `step`:
 1. drops cancelled sequences (a client that went away frees its row here, within one step);
 2. admits waiting sequences while rows are free (at most max_concurrent run at once);
-3. prefills: at most `prefill_chunk` prompt tokens in all, in chunks that start at multiples of
-   prefill_chunk, so a long prompt is spread over several steps instead of stalling the running streams;
+3. prefills: at most `prefill_chunk` prompt tokens in all while sequences are decoding (all admitted
+   prompts when none is), in chunks that start at multiples of prefill_chunk, so a long prompt is spread
+   over several steps instead of stalling the running streams;
 4. decodes every sequence whose prompt is in, one token each, in one batched step over the KV cache
    (`SlotCache`: a row per sequence, each at its own length), then samples per row (own parameters,
    own seeded generator);
@@ -235,7 +236,10 @@ class Scheduler:
         return n // self.chunk * self.chunk
 
     def _prefill(self) -> None:
-        budget = self.chunk
+        # while streams are decoding, one chunk's worth per step keeps their tokens flowing; with none
+        # decoding nobody waits, so every admitted prompt is prefilled now (a burst gets its first tokens
+        # together instead of one chunk per step)
+        budget = self.chunk if self.decoding else sum(len(s.prompt_ids) for s in self.running)
         for seq in [s for s in self.running if s.prefilled < len(s.prompt_ids)]:
             if budget <= 0:
                 break
