@@ -3,8 +3,10 @@ same model, same batch size, same process.
 
 The task is written here (a few hundred generated questions with 4 answers each, in a jsonl file read by
 a task YAML through `dataset_path: json`), so nothing is downloaded. Both models are built first; the
-timed part is `lm_eval.simple_evaluate` on the task (tokenizing, scoring, metrics). Prints both times,
-the ratio, whether accuracies agree, the largest log-likelihood difference, and the load average.
+timed part is `lm_eval.simple_evaluate` (tokenizing, scoring, metrics). Each backend scores every question
+once, in chunks that alternate between the two (llamazoo first in even chunks, hf first in odd ones), so
+that a change in the load of a shared machine falls on both. Prints both times, the ratio, whether
+accuracies agree, the largest log-likelihood difference, and the load average.
 
     python benchmarks/eval_vs_hf.py [--samples 300] [--batch-size 8] [--dtype float32] [--threads N]
                                     [--model default]
@@ -50,14 +52,15 @@ def write_task(folder: Path, samples: int, seed: int = 0) -> str:
     return "bench_mc"
 
 
-def per_sample(results: dict, task: str) -> list[list[float]]:
-    return [[float(r[0][0]) for r in s["resps"]] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+def metrics(samples: list[dict]) -> dict[str, float]:
+    return {k: sum(float(x[k]) for x in samples) / len(samples) for k in ("acc", "acc_norm")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=50, help="questions per alternating chunk")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--model", default="default", help="a HF folder or 'default' (SmolLM2-135M-Instruct)")
@@ -79,27 +82,33 @@ def main() -> None:
         hf = HFLM(pretrained=folder, dtype=args.dtype, device="cpu", batch_size=args.batch_size)
         if args.threads:
             torch.set_num_threads(args.threads)
-        runs = {}
-        for name, lm in (("llamazoo", ours), ("hf", hf)):
+        for lm in (ours, hf):  # warm-up (first calls, caches)
             lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=4, verbosity="ERROR")
-            t = time.perf_counter()
-            res = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True,
-                                          verbosity="ERROR")
-            runs[name] = (time.perf_counter() - t, res)
-        requests = sum(len(s["resps"]) for s in runs["hf"][1]["samples"][task])
+        seconds = {"llamazoo": 0.0, "hf": 0.0}
+        samples: dict[str, list[dict]] = {"llamazoo": [], "hf": []}
+        for k, start in enumerate(range(0, args.samples, args.chunk)):
+            ids = list(range(start, min(start + args.chunk, args.samples)))
+            pair = [("llamazoo", ours), ("hf", hf)]
+            for name, lm in (pair if k % 2 == 0 else pair[::-1]):
+                t = time.perf_counter()
+                res = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, samples={task: ids},
+                                              log_samples=True, verbosity="ERROR")
+                seconds[name] += time.perf_counter() - t
+                samples[name] += res["samples"][task]
         load = os.getloadavg()
+        requests = sum(len(x["resps"]) for x in samples["hf"])
         print(f"model {folder} ({args.dtype}), {args.samples} questions x 4 answers = {requests} requests, "
               f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}")
-        for name, (secs, res) in runs.items():
-            r = res["results"][task]
-            print(f"  {name:9s} {secs:8.2f} s  {requests / secs:7.1f} requests/s  acc {r['acc,none']:.4f}  "
-                  f"acc_norm {r['acc_norm,none']:.4f}")
-        a, b = per_sample(runs["llamazoo"][1], task), per_sample(runs["hf"][1], task)
-        worst = max(abs(x - y) / max(1.0, abs(y)) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-        same_acc = all(runs["llamazoo"][1]["results"][task][k] == runs["hf"][1]["results"][task][k]
-                       for k in ("acc,none", "acc_norm,none"))
-        print(f"  speed-up llamazoo / hf: {runs['hf'][0] / runs['llamazoo'][0]:.2f}x; accuracies identical: "
-              f"{same_acc}; largest relative log-likelihood difference {worst:.2e}")
+        for name in ("llamazoo", "hf"):
+            m = metrics(samples[name])
+            print(f"  {name:9s} {seconds[name]:8.2f} s  {requests / seconds[name]:7.1f} requests/s  "
+                  f"acc {m['acc']:.4f}  acc_norm {m['acc_norm']:.4f}")
+        a, b = (sorted(samples[n], key=lambda x: x["doc_id"]) for n in ("llamazoo", "hf"))
+        worst = max(abs(float(x[0][0]) - float(y[0][0])) / max(1.0, abs(float(y[0][0])))
+                    for sa, sb in zip(a, b) for x, y in zip(sa["resps"], sb["resps"]))
+        same = all(sa["acc"] == sb["acc"] and sa["acc_norm"] == sb["acc_norm"] for sa, sb in zip(a, b))
+        print(f"  speed-up llamazoo / hf: {seconds['hf'] / seconds['llamazoo']:.2f}x; per-question accuracies "
+              f"identical: {same}; largest relative log-likelihood difference {worst:.2e}")
         print(f"  load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
 
 

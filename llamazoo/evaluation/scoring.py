@@ -46,19 +46,25 @@ class Score:
 
 
 def plan_batches(groups: Sequence[Group], batch_size: int) -> Iterator[list[int]]:
-    """Group indices per forward pass, longest row first (so the largest batch comes first and rows of a
-    batch have similar lengths): groups are added while the batch holds at most `batch_size`
-    continuations; a group is never split (its one row costs less than its continuations as rows)."""
+    """Group indices per forward pass, longest row first (the largest batch comes first, and rows of a
+    batch have similar lengths). A batch's padded size (rows x its longest row) stays within
+    `batch_size` x its longest request (context + continuation - 1 tokens): the tensor lm_eval's hf
+    backend runs for `batch_size` requests, here holding more of them where they share contexts. With one
+    continuation per group (perplexity windows, rolling windows) that is `batch_size` rows. A group is
+    never split, so a group longer than the budget is a batch of its own."""
     order = sorted(range(len(groups)), key=lambda i: -groups[i].row_length)
     batch: list[int] = []
-    count = 0
+    width = longest = 0
     for i in order:
-        n = len(groups[i].continuations)
-        if batch and count + n > batch_size:
+        g = groups[i]
+        request = len(g.context) + max(len(c) for c in g.continuations) - 1
+        if batch and (len(batch) + 1) * width > batch_size * max(longest, request):
             yield batch
-            batch, count = [], 0
+            batch = []
+        if not batch:
+            width, longest = g.row_length, request
         batch.append(i)
-        count += n
+        longest = max(longest, request)
     if batch:
         yield batch
 
