@@ -40,18 +40,20 @@ from llamazoo.evaluation.scoring import Group, score_groups
 
 LOG = logging.getLogger("llamazoo.eval")
 
-MODEL_ARGS = ("pretrained", "dtype", "device", "batch_size", "max_length", "max_gen_toks", "add_bos_token",
-              "prefix_token_id", "threads", "max_batch_size")
+MODEL_ARGS = ("pretrained", "adapter", "dtype", "quantize", "device", "batch_size", "max_length", "max_gen_toks",
+              "add_bos_token", "prefix_token_id", "threads", "max_batch_size")
 
 
 @register_model("llamazoo")
 class LlamazooLM(TemplateLM):
-    """lm_eval model args: pretrained (a HF folder or "default"), dtype (float32 | bfloat16 | float16 |
-    auto), device (cpu | cuda | auto), batch_size (requests per forward pass), max_length (default: the
-    model's max_position_embeddings), max_gen_toks (256), add_bos_token, prefix_token_id, threads.
+    """lm_eval model args: pretrained (a HF folder or "default"), adapter (a LoRA folder merged at load),
+    dtype (float32 | bfloat16 | float16 | auto), quantize (none | int8 | int4), device (cpu | cuda | auto),
+    batch_size (see scoring.plan_batches), max_length (default: the model's max_position_embeddings),
+    max_gen_toks (256), add_bos_token, prefix_token_id, threads.
     Under torchrun each process takes a share of the requests (lm_eval's data parallel)."""
 
-    def __init__(self, pretrained: str = "default", dtype: str = "auto", device: str | None = None,
+    def __init__(self, pretrained: str = "default", adapter: str | None = None, dtype: str = "auto",
+                 quantize: str = "none", device: str | None = None,
                  batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None,
                  threads: int | None = None, max_batch_size: int | None = None, **unknown: Any):
@@ -70,8 +72,8 @@ class LlamazooLM(TemplateLM):
         if dev.startswith("cuda") and not torch.cuda.is_available():
             dev = "cpu"  # lm_eval's command line passes cuda:0 unless told
         dev = "cuda" if dev.startswith("cuda") else dev
-        cfg = EvalConfig(checkpoint={"model_name_or_path": str(pretrained)},
-                         model=ModelSection(dtype=dtype, device=dev),
+        cfg = EvalConfig(checkpoint={"model_name_or_path": str(pretrained), "adapter": adapter},
+                         model=ModelSection(dtype=dtype, quantize=quantize, device=dev),
                          eval=EvalSection(batch_size=self._batch_size, threads=threads))
         self._init_from_config(cfg, max_length, max_gen_toks, add_bos_token, prefix_token_id)
 
