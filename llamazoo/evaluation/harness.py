@@ -211,7 +211,8 @@ class LlamazooLM(TemplateLM):
                 group.continuations.append(list(cont))
             where.append((key, index[ckey]))
         keys = list(groups)
-        with tqdm(total=len(pairs), desc=desc, disable=disable_tqdm or self.rank != 0) as bar:
+        total = sum(len(g.continuations) for g, _ in groups.values())
+        with tqdm(total=total, desc=desc, disable=disable_tqdm or self.rank != 0) as bar:
             scores = score_groups(self.model, [groups[k][0] for k in keys], self.batch_size, bar.update)
         by_key = dict(zip(keys, scores))
         return [(by_key[key][k].logprob, by_key[key][k].greedy) for key, k in where]
