@@ -282,3 +282,17 @@ def test_api_key_and_full_queue(folder):
                 assert rest[-1] == "data: [DONE]"
                 assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"  # unharmed
         assert client.completions.create(**body).usage.completion_tokens == 3
+
+
+def test_a_taken_port_is_one_clear_error(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", f"serve.port={port}"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (f"llamazoo serve: error: serve.host=127.0.0.1 serve.port={port}: cannot listen there "
+                           f"(Address already in use); choose another serve.host or serve.port (serve.port=0 picks "
+                           f"a free one)")

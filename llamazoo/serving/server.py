@@ -82,8 +82,8 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise RuntimeError(f"serve.host={host} serve.port={port}: cannot listen there ({e.strerror}); "
-                           f"choose another serve.port (0 picks a free one)") from None
+        raise ValueError(f"serve.host={host} serve.port={port}: cannot listen there ({e.strerror}); choose "
+                         f"another serve.host or serve.port (serve.port=0 picks a free one)") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
