@@ -17,6 +17,7 @@ import torch
 
 from llamazoo.io.atomic import replace_path, temp_path_beside
 from llamazoo.io.damaged import reading
+from llamazoo.io.mapped import release_pages
 from llamazoo.model.llama import (LlamaConfig, LlamaForCausalLM, PrecisionOptions, init_weights,
                                   materialize_parameters, replay_default_init)
 from llamazoo.model.registry import NAMED_CONFIGS, named_config
@@ -174,6 +175,8 @@ def load_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype, devi
                              f"{tuple(expected[name].shape)} from config.json")
         # parameters take the model's dtype; buffers (quantized codes and scales) load as stored
         loaded[name] = t.to(device=device, dtype=dtype if isinstance(expected[name], torch.nn.Parameter) else None)
+        if loaded[name] is not t:  # a converted copy: the file's pages of t need not stay resident
+            release_pages([t])
     missing = [n for n in expected if n not in loaded and not (tied and n == "lm_head.weight")]
     if missing:
         raise ValueError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
@@ -212,7 +215,6 @@ def load_model(path_or_name: str | os.PathLike = "default", dtype: str | torch.d
     load_weights(model, folder, target, device)
     _materialize_buffers(model, device)
     if cfg.quantization_config:
-        from llamazoo.io.mapped import release_pages
         from llamazoo.model.quantize import prepare_quantized
 
         prepare_quantized(model, release_pages)
