@@ -94,6 +94,19 @@ def test_quantized_model_logits_equal_the_dequantized_model(tmp_path, kind):
     with torch.inference_mode():  # against the float model itself, the quantization error shows
         float_logits = load_model(tmp_path)(ids)
     assert (float_logits - ref).abs().max() > (got - ref).abs().max()
+    # the engine fuses q/k/v and gate/up into one kernel call each: the same numbers, the same tensors
+    from llamazoo.generation.packed import pack_for_inference
+    from llamazoo.model.quantize import FusedWeightOnly
+
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    assert pack_for_inference(model)
+    assert isinstance(model.model.layers[0].self_attn.fused_qkv, FusedWeightOnly)
+    with torch.inference_mode():
+        assert torch.equal(model(ids), got)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], sd[k]) for k in sd)
+    q = model.model.layers[1].mlp.up_proj.weight_q
+    assert q.untyped_storage().data_ptr() == model.model.layers[1].mlp.fused_gate_up.codes.untyped_storage().data_ptr()
 
 
 def test_convert_quantize_round_trip_and_model_quantize(tmp_path, tokenizers):

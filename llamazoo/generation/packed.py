@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from llamazoo.io.mapped import release_pages
+from llamazoo.model.quantize import FusedWeightOnly, WeightOnlyLinear, fuse_quantized
 
 PACKABLE = (torch.float32, torch.bfloat16)
 
@@ -152,6 +153,8 @@ def pack_for_inference(model: nn.Module, in_place: bool = True) -> bool:
         if in_place or not _in_place(model):
             return True
         unpack(model)  # plain weights wanted beside the packed ones
+    if any(isinstance(m, WeightOnlyLinear) for m in model.modules()):
+        return fuse_quantized(model)  # int8 / int4 layers: their kernels, q/k/v and gate/up fused
     if can_pack(model, in_place) is not None:
         return False
     # largest first: while a group is packed its plain and packed bytes are both resident, and packing the
@@ -172,6 +175,7 @@ def unpack(model: nn.Module) -> None:
             p = mod.__dict__.get(attr)
             if isinstance(p, PackedLinear):
                 p.restore()
+            if isinstance(p, (PackedLinear, FusedWeightOnly)):
                 if attr == "packed":
                     del mod.packed
                 else:

