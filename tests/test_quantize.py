@@ -77,12 +77,17 @@ def dequantized_twin(model, quantized) -> None:
                 model.get_submodule(name).weight.copy_(m.dequantize(torch.float32))
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_quantized_model_logits_equal_the_dequantized_model(tmp_path, kind):
-    hf_tiny_model(**TINY_Q).save_pretrained(tmp_path)
+@pytest.mark.parametrize("kind,tie", [("int8", False), ("int4", False), ("int4", True)])
+def test_quantized_model_logits_equal_the_dequantized_model(tmp_path, kind, tie):
+    from llamazoo.model.quantize import TiedQuantizedEmbedding
+
+    hf_tiny_model(**TINY_Q, tie_word_embeddings=tie).save_pretrained(tmp_path)
     model, twin = load_model(tmp_path), load_model(tmp_path)
     assert quantize_model(model, kind, 32) == 2 * 7 + 1
     assert isinstance(model.lm_head, WeightOnlyLinear) and model.lm_head.bits == 8  # int8 head in both
+    # a tied head is int8 once: the embedding looks its rows up
+    assert isinstance(model.model.embed_tokens, TiedQuantizedEmbedding) == tie
+    assert ("model.embed_tokens.weight" in model.state_dict()) != tie
     assert {m.bits for m in model.modules() if isinstance(m, WeightOnlyLinear)} == {8, int(kind[3:])}
     dequantized_twin(twin, model)
     ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -109,7 +114,8 @@ def test_quantized_model_logits_equal_the_dequantized_model(tmp_path, kind):
     assert q.untyped_storage().data_ptr() == model.model.layers[1].mlp.fused_gate_up.codes.untyped_storage().data_ptr()
 
 
-def test_convert_quantize_round_trip_and_model_quantize(tmp_path, tokenizers):
+@pytest.mark.parametrize("tie", [False, True])
+def test_convert_quantize_round_trip_and_model_quantize(tmp_path, tokenizers, tie):
     import shutil
 
     from safetensors import safe_open
@@ -120,7 +126,7 @@ def test_convert_quantize_round_trip_and_model_quantize(tmp_path, tokenizers):
     from llamazoo.generation.engine import Engine
 
     src = tmp_path / "float"
-    hf_tiny_model(**TINY_Q).save_pretrained(src)
+    hf_tiny_model(**TINY_Q, tie_word_embeddings=tie).save_pretrained(src)
     for f in tokenizers("gpt2").iterdir():  # a tokenizer, for the generation app
         if f.name.startswith(("tokenizer", "vocab", "merges", "special")):
             shutil.copy(f, src / f.name)
@@ -136,7 +142,9 @@ def test_convert_quantize_round_trip_and_model_quantize(tmp_path, tokenizers):
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             names = set(f.keys())
             q = f.get_tensor("model.layers.0.mlp.down_proj.weight_q")
-        assert "model.layers.0.mlp.down_proj.weight" not in names and "model.embed_tokens.weight" in names
+        assert "model.layers.0.mlp.down_proj.weight" not in names and "lm_head.weight_q" in names
+        assert ("model.embed_tokens.weight" in names) != tie  # a tied head serves as the embedding
+        assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
         assert q.dtype == (torch.int8 if kind == "int8" else torch.uint8)
         loaded = load_model(out)
         layer = loaded.model.layers[0].mlp.down_proj

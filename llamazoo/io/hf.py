@@ -181,7 +181,7 @@ def load_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype, devi
     if missing:
         raise ValueError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     model.load_state_dict(loaded, strict=False, assign=True)
-    if tied:
+    if tied and isinstance(model.lm_head, torch.nn.Linear):  # (a quantized tied head serves the embedding)
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
@@ -255,7 +255,8 @@ def save_state_dict_folder(sd: dict[str, torch.Tensor], cfg: LlamaConfig, out_di
     tmp.mkdir()
     try:
         sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-        dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
+        # the float weights' dtype (not a quantized layer's scales: llamazoo.model.quantize)
+        dtype = next(v.dtype for k, v in sd.items() if v.is_floating_point() and not k.endswith(("_scale", "_zero")))
         parts = []
         for i, shard in enumerate(_shards(sd, max_shard_size)):
             save_file(shard, str(tmp / f"part-{i:05d}.safetensors"), metadata={"format": "pt"})

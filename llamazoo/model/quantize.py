@@ -298,12 +298,37 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers `quantize_model` quantizes: every decoder projection and an untied LM head."""
+    """The layers `quantize_model` quantizes: every decoder projection and the LM head (tied or not)."""
     out = {name: m for name, m in model.named_modules() if name.rpartition(".")[2] in PROJECTIONS
            and name.startswith("model.layers.")}
-    if model.lm_head.weight is not model.model.embed_tokens.weight:
-        out["lm_head"] = model.lm_head
+    out["lm_head"] = model.lm_head
     return out
+
+
+class TiedQuantizedEmbedding(nn.Module):
+    """The token embedding of a model whose LM head is tied to it and quantized int8 per channel: rows are
+    looked up in the head's codes and scaled (one vocabulary-sized matrix held once, as int8, for both
+    uses, as llama.cpp shares token_embd). The head is referenced, not registered: state_dict holds it
+    once, under lm_head."""
+
+    def __init__(self, head: WeightOnlyLinear):
+        super().__init__()
+        if head.bits != 8 or head.group_size != head.in_features:
+            raise ValueError("a tied quantized LM head must be int8 per channel")
+        object.__setattr__(self, "head", head)
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A placeholder [vocab, hidden] of the compute dtype (see WeightOnlyLinear.weight)."""
+        return self.head.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.head
+        return (h.weight_q[ids].float() * h.weight_scale[ids].float()).to(h.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows of lm_head"
 
 
 def describe(layers: Iterable[tuple[int, int, int]]) -> dict | None:
@@ -335,17 +360,23 @@ def quantize_model(model: nn.Module, kind: str, group_size: int = DEFAULT_GROUP_
     if kind not in ("int8", "int4"):
         raise ValueError(f"model.quantize={kind!r}: expected none, int8 or int4")
     n = 0
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
     for name, lin in quantizable_layers(model).items():
+        bits, g = (8, None) if kind == "int8" or name == "lm_head" else (4, group_size)
         if isinstance(lin, WeightOnlyLinear):
-            if lin.bits != int(kind[3:]):
+            if lin.bits != bits:
                 raise ValueError(f"model.quantize={kind}: the checkpoint's layers are int{lin.bits} already "
                                  f"(set model.quantize=none to use them as they are)")
             continue
         if type(lin) is not nn.Linear:
             raise ValueError(f"model.quantize={kind}: {name} is a {type(lin).__name__}, not a plain linear "
                              f"layer (merge LoRA adapters first)")
-        bits, g = (8, None) if kind == "int8" or name == "lm_head" else (4, group_size)
-        _set_module(model, name, WeightOnlyLinear.from_linear(lin, bits, g).prepare())
+        layer = WeightOnlyLinear.from_linear(lin, bits, g).prepare()
+        if name == "lm_head" and tied and layer.kernel != "int8":
+            continue  # the embedding looks rows up: only the int8 kernel keeps them in their plain layout
+        _set_module(model, name, layer)
+        if name == "lm_head" and tied:
+            model.model.embed_tokens = TiedQuantizedEmbedding(layer)
         if release is not None:
             release([lin.weight.data])
         n += 1
@@ -365,9 +396,11 @@ def quantized_skeleton(model: nn.Module, layers: dict[str, dict], dtype: torch.d
         if not isinstance(lin, nn.Linear) or not groups or lin.in_features % groups:
             raise ValueError(f"quantized layer {name!r}: {groups} scale groups do not fit its "
                              f"{getattr(lin, 'in_features', '?')} inputs")
-        _set_module(model, name, WeightOnlyLinear(lin.in_features, lin.out_features, spec["bits"],
-                                                  lin.in_features // groups, lin.bias is not None, dtype, "meta",
-                                                  spec["scale_dtype"], spec["zero_dtype"]))
+        layer = WeightOnlyLinear(lin.in_features, lin.out_features, spec["bits"], lin.in_features // groups,
+                                 lin.bias is not None, dtype, "meta", spec["scale_dtype"], spec["zero_dtype"])
+        _set_module(model, name, layer)
+        if name == "lm_head" and model.config.tie_word_embeddings:
+            model.model.embed_tokens = TiedQuantizedEmbedding(layer)
 
 
 def prepare_quantized(model: nn.Module, release: Callable[[list[torch.Tensor]], object] | None = None) -> None:
