@@ -177,6 +177,9 @@ def test_quantize_errors_are_one_clear_line(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"model.quantize_group_size: got 48, allowed: 32, 64, 128 or 256"):
         load_config(GenerateConfig, overrides=["model.quantize_group_size=48"])
     model = load_model(tmp_path / "f")
+    with pytest.raises(ValueError, match=r"model.quantize_group_size=128 does not divide "
+                                         r"model.layers.0.self_attn.q_proj's 64 inputs; 32 or 64 does"):
+        quantize_model(model, "int4", 128)
     quantize_model(model, "int4", 32)
     with pytest.raises(ValueError, match=r"model.quantize=int8: the checkpoint's layers are int4 already"):
         quantize_model(model, "int8")

@@ -359,9 +359,17 @@ def quantize_model(model: nn.Module, kind: str, group_size: int = DEFAULT_GROUP_
     memory at once (llamazoo.io.mapped.release_pages for mmapped files)."""
     if kind not in ("int8", "int4"):
         raise ValueError(f"model.quantize={kind!r}: expected none, int8 or int4")
+    layers = quantizable_layers(model)
+    if kind == "int4":
+        odd = next((f"{name}'s {m.in_features}" for name, m in layers.items()
+                    if name != "lm_head" and m.in_features % group_size), None)
+        if odd:
+            fits = [g for g in KERNEL_GROUP_SIZES if all(m.in_features % g == 0 for m in layers.values())]
+            raise ValueError(f"model.quantize_group_size={group_size} does not divide {odd} inputs; "
+                             f"{' or '.join(map(str, fits)) or 'no kernel group size'} does")
     n = 0
     tied = model.lm_head.weight is model.model.embed_tokens.weight
-    for name, lin in quantizable_layers(model).items():
+    for name, lin in layers.items():
         bits, g = (8, None) if kind == "int8" or name == "lm_head" else (4, group_size)
         if isinstance(lin, WeightOnlyLinear):
             if lin.bits != bits:
