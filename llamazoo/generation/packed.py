@@ -154,7 +154,7 @@ def pack_for_inference(model: nn.Module, in_place: bool = True) -> bool:
             return True
         unpack(model)  # plain weights wanted beside the packed ones
     if any(isinstance(m, WeightOnlyLinear) for m in model.modules()):
-        return fuse_quantized(model)  # int8 / int4 layers: their kernels, q/k/v and gate/up fused
+        return fuse_quantized(model, release_pages)  # int8 / int4 layers: their kernels, q/k/v and gate/up fused
     if can_pack(model, in_place) is not None:
         return False
     # largest first: while a group is packed its plain and packed bytes are both resident, and packing the

@@ -463,9 +463,10 @@ class FusedWeightOnly:
 
 
 @torch.no_grad()
-def fuse_quantized(model: nn.Module) -> bool:
+def fuse_quantized(model: nn.Module, release: Callable[[list[torch.Tensor]], object] | None = None) -> bool:
     """Installs FusedWeightOnly q/k/v and gate/up on every decoder layer whose layers allow it; returns
-    whether any was."""
+    whether any was. release(the layers' previous tensors), as in quantize_model: int8 codes read from a
+    file stay mmapped until then."""
     done = False
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
@@ -474,6 +475,9 @@ def fuse_quantized(model: nn.Module) -> bool:
             if isinstance(getattr(owner, attr), FusedWeightOnly):
                 done = True
             elif FusedWeightOnly.fusable(group):
+                old = [t for g in group for t in (g.weight_q, g._scale)]
                 setattr(owner, attr, FusedWeightOnly(group))
+                if release is not None:
+                    release(old)
                 done = True
     return done
