@@ -310,8 +310,9 @@ class EvalConfig(Section):
 class ServeSection(Section):
     """The HTTP server. max_concurrent sequences decode together (continuous batching); up to max_queue
     more wait, beyond that a request gets 429 with Retry-After. Prompts are prefilled in chunks of
-    prefill_chunk tokens (one chunk's worth per step, so running streams keep flowing), which is also the
-    granularity of prefix reuse."""
+    prefill_chunk tokens (also the granularity of prefix reuse), at most prefill_tokens_per_step of them
+    between two decode steps while streams are running (more: earlier first tokens for new requests,
+    longer pauses for running streams)."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, description="0: any free port (the URL is printed)")
@@ -320,6 +321,7 @@ class ServeSection(Section):
     api_key: str | None = Field(None, description="when set, /v1/* needs 'Authorization: Bearer <api_key>'")
     served_model_name: str | None = Field(None, description="the model id of the API; default: the folder name")
     prefill_chunk: int = Field(128, ge=16)
+    prefill_tokens_per_step: int = Field(512, ge=16)
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds in-flight streams get after SIGTERM")
     log_every_s: float = Field(10.0, gt=0, description="progress line interval while busy")
     batch_invariant: bool = Field(True, description="a sequence gives bit-identical numbers alone and among "

@@ -40,7 +40,7 @@ def make(i: int, p: list[int], **kw) -> Sequence:
 
 def run_all(engine, seqs, admit_every=1, max_concurrent=4, cancel_at=None, max_steps=500):
     """Submits one sequence every `admit_every` steps; cancel_at: {step: sequence index}."""
-    sched = Scheduler(engine, [], max_concurrent=max_concurrent, prefill_chunk=CHUNK)
+    sched = Scheduler(engine, [], max_concurrent=max_concurrent, prefill_chunk=CHUNK, prefill_tokens=CHUNK)
     pending, step = list(seqs), 0
     while step < max_steps:
         if pending and step % admit_every == 0:
@@ -184,3 +184,57 @@ def test_slot_cache_grows_and_moves_rows(engine):
     slots.copy_prefix(0, 2, 10)
     swapped = slots.decode(toks[::-1], [9, 40])
     assert torch.equal(swapped[0], ref[1]) and torch.equal(swapped[1], ref[0])
+
+
+def test_random_traffic_equals_solo_runs(tmp_path):
+    """Random arrivals, prompt lengths (some sharing a prefix), max_tokens past the cache's first 256 slots
+    (it grows while others run), greedy/sampled/penalized rows, EOS, cancellations: every sequence that
+    was not cancelled gives its solo tokens, and the scheduler ends idle."""
+    import random
+
+    hf_tiny_model(max_position_embeddings=600, num_key_value_heads=2).save_pretrained(tmp_path)
+    engine = Engine(load_model(tmp_path), tokenizer=None)
+    rng = random.Random(0)
+    shared = [rng.randrange(3, 256) for _ in range(48)]
+
+    def make_seq(i: int) -> Sequence:
+        r = random.Random(i)
+        p = shared[:r.choice([0, 16, 40])] + [r.randrange(3, 256) for _ in range(r.choice([1, 17, 60, 150]))]
+        params = (SamplingParams(do_sample=True, temperature=0.9, top_k=30) if i % 3 == 0 else
+                  SamplingParams(repetition_penalty=1.2 if i % 4 == 1 else 1.0))
+        return Sequence(p, max_tokens=r.choice([1, 4, 30, 280]), params=params, seed=i, logprobs=2 if i % 5 == 0 else None)
+
+    probe = Sequence(shared, max_tokens=8)
+    run_all(engine, [probe])
+    eos = probe.tokens[5]  # a token greedy rows do produce
+
+    def scheduler(**kw) -> Scheduler:
+        return Scheduler(engine, [eos], prefill_chunk=16, max_seq_length=600, **kw)
+
+    n = 14
+    solo = []
+    for i in range(n):
+        s, q = scheduler(max_concurrent=2), make_seq(i)
+        s.submit([q])
+        while s.step():
+            pass
+        solo.append((q.tokens, q.finish_reason))
+    assert {r for _, r in solo} == {"stop", "length"} and max(len(t) for t, _ in solo) > 256 - 150
+    sched = scheduler(max_concurrent=5, prefill_tokens=48)
+    seqs = [make_seq(i) for i in range(n)]
+    pending, to_cancel = list(range(n)), {2, 9}
+    rng.shuffle(pending)
+    for _ in range(3000):
+        for _ in range(rng.choice([0, 0, 1, 3])):
+            if pending:
+                sched.submit([seqs[pending.pop()]])
+        for i in to_cancel:
+            if len(seqs[i].tokens) > 2 and not seqs[i].done and not seqs[i].cancelled:
+                sched.cancel(seqs[i])
+        if not sched.step() and not pending:
+            break
+    assert sched.slots.length == 512  # grew while sequences ran
+    assert [(s.tokens, s.finish_reason) for i, s in enumerate(seqs) if not s.cancelled] == \
+        [r for i, r in enumerate(solo) if not seqs[i].cancelled]
+    assert sum(s.cached_tokens for s in seqs) > 0
+    assert sched.rows == [None] * sched.slots.rows and sched.decoding == 0 and not sched.running

@@ -3,9 +3,9 @@
 One scheduler thread owns the model. Each `step`:
 1. drops cancelled sequences (a client that went away frees its row here, within one step);
 2. admits waiting sequences while rows are free (at most max_concurrent run at once);
-3. prefills: at most `prefill_chunk` prompt tokens in all while sequences are decoding (all admitted
-   prompts when none is), in chunks that start at multiples of prefill_chunk, so a long prompt is spread
-   over several steps instead of stalling the running streams;
+3. prefills: at most `prefill_tokens` prompt tokens in all (at least one chunk) while sequences are
+   decoding, all admitted prompts when none is, in chunks that start at multiples of prefill_chunk, so
+   a long prompt is spread over several steps instead of stalling the running streams;
 4. decodes every sequence whose prompt is in, one token each, in one batched step over the KV cache
    (`SlotCache`: a row per sequence, each at its own length), then samples per row (own parameters,
    own seeded generator);
@@ -98,7 +98,7 @@ class Scheduler:
     """Runs sequences on an `Engine` with continuous batching; `start` runs `step` in a thread."""
 
     def __init__(self, engine, eos_ids, max_concurrent: int = 8, max_queue: int = 64,
-                 prefill_chunk: int = 128, max_seq_length: int | None = None,
+                 prefill_chunk: int = 128, max_seq_length: int | None = None, prefill_tokens: int = 512,
                  on_token: Callable[[Sequence, float], None] | None = None, log_every_s: float = 10.0,
                  batch_invariant: bool = True, slot_cache: Callable[..., SlotCache] = SlotCache):
         self.engine = engine
@@ -107,6 +107,7 @@ class Scheduler:
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
         self.chunk = prefill_chunk
+        self.prefill_tokens = max(prefill_tokens, prefill_chunk)
         self.max_seq_length = max_seq_length or engine.max_seq_length
         self.on_token = on_token  # metrics hook: (sequence, seconds since its previous token or arrival)
         # slot_cache: SlotCache or a subclass (tensor-parallel serving mirrors every call to the other ranks)
@@ -236,10 +237,10 @@ class Scheduler:
         return n // self.chunk * self.chunk
 
     def _prefill(self) -> None:
-        # while streams are decoding, one chunk's worth per step keeps their tokens flowing; with none
+        # while streams are decoding, a bounded prefill per step keeps their tokens flowing; with none
         # decoding nobody waits, so every admitted prompt is prefilled now (a burst gets its first tokens
-        # together instead of one chunk per step)
-        budget = self.chunk if self.decoding else sum(len(s.prompt_ids) for s in self.running)
+        # together)
+        budget = self.prefill_tokens if self.decoding else sum(len(s.prompt_ids) for s in self.running)
         for seq in [s for s in self.running if s.prefilled < len(s.prompt_ids)]:
             if budget <= 0:
                 break

@@ -48,6 +48,7 @@ def build_state(cfg, model_loader: Callable[..., Any] | None = None, slot_cache:
     s = cfg.serve
     sched = Scheduler(engine, eos, max_concurrent=s.max_concurrent, max_queue=s.max_queue,
                       prefill_chunk=s.prefill_chunk, max_seq_length=max_seq_length, log_every_s=s.log_every_s,
+                      prefill_tokens=s.prefill_tokens_per_step,
                       batch_invariant=s.batch_invariant, **({"slot_cache": slot_cache} if slot_cache else {}))
     state = ServerState(
         scheduler=sched, tokenizer=tok, model_name=served_name(cfg), max_seq_length=max_seq_length, defaults=gen,
