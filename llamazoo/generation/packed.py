@@ -16,7 +16,8 @@ in_place=False keeps the plain weights beside the packed ones (twice the memory)
 step, which reads the plain weights.
 
 Packing sets the `packed` attribute of linear layers and the `fused_qkv` / `fused_gate_up` hooks that
-`llamazoo.model.llama` uses in eager mode; `unpack` removes them.
+`llamazoo.model.llama` uses in eager mode; `unpack` removes them. A model with int8 / int4 layers
+(llamazoo.model.quantize) gets their fused form instead (one kernel call for q/k/v, one for gate/up).
 """
 from __future__ import annotations
 
