@@ -40,7 +40,8 @@ def overrides(base: Path, out: Path, *extra: str) -> list[str]:
     return [f"training.dataset={base / 'ds'}", f"checkpoint.model_name_or_path={base / 'model'}",
             f"training.output_dir={out}", "model.device=cpu", "training.batch_size=2", "training.learning_rate=5e-3",
             "training.lr_schedule=cosine", "training.warmup_steps=2", "training.weight_decay=0.1",
-            "training.max_grad_norm=0.5", "training.grad_accumulation_steps=2", "training.activation_checkpointing=true",
+            "training.max_grad_norm=0.5", "training.grad_accumulation_steps=2",
+            "training.activation_checkpointing=true",
             "training.num_epochs=2", f"training.end_early_at_step={STEPS}", "training.save_every_steps=2",
             "training.evaluate=false",
             "training.lora.rank=4", "training.lora.alpha=8", *extra]
@@ -114,7 +115,8 @@ def test_qlora_bf16_resumes_exactly_after_sigkill(setup):
     train(load_config(TrainConfig, None, overrides(setup, ref, *extra)), progress=False)
     killed = setup / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps({"at": 3, "overrides": overrides(setup, killed, *extra)})],
+    args = json.dumps({"at": 3, "overrides": overrides(setup, killed, *extra)})
+    p = subprocess.run([sys.executable, "-c", DRIVER, args],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == -9, p.stderr[-2000:]
     assert [c.step for c in list_checkpoints(killed)] == [2]
@@ -137,7 +139,8 @@ def test_wrong_combinations_are_one_clear_error(setup, tmp_path):
                                          r"training.lora.rank unset to continue training the adapter as it is"):
         train(load_config(TrainConfig, None, overrides(setup, tmp_path / "again", f"checkpoint.adapter={lora}",
                                                        "training.lora.rank=8")), progress=False)
-    with pytest.raises(ValueError, match=r"training.resume_from: the checkpoint: tensor 'model.layers.0.self_attn.q_proj.lora_A.weight' has "
+    with pytest.raises(ValueError, match=r"training.resume_from: the checkpoint: tensor "
+                                         r"'model.layers.0.self_attn.q_proj.lora_A.weight' has "
                                          r"shape \(4, 64\), expected \(8, 64\) .*; resume with the training.lora "
                                          r"settings that wrote the checkpoint"):
         train(load_config(TrainConfig, None, overrides(setup, lora, "training.lora.rank=8",
