@@ -3,11 +3,12 @@ QLoRA (NF4 base): tokens/s and peak memory of each, and the bytes of QLoRA's qua
 
 Same weights (the embedded SmolLM2-135M-Instruct by default), same rows (--rows dense: every row one
 full-length article; chat: single::-packed dialogue lengths, mostly padding, which llamazoo's batches trim
-and transformers computes), same threads, same AdamW hyper-parameters; LoRA rank 16, alpha 32, on all seven projections of
-every decoder layer for both LoRA implementations. A step is forward + backward + AdamW over what trains.
-llamazoo's steps are the trainer's (`loss_sums`, fused AdamW, gradient-norm computation; bf16 with fp32
-masters); transformers + PEFT is the usual `model(input_ids, labels=...).loss.backward(); opt.step()`
-with SDPA attention (bf16: autocast over fp32 weights, as in benchmarks/train_vs_hf.py).
+and transformers computes), same threads, same AdamW hyper-parameters; LoRA rank 16, alpha 32, on all
+seven projections of every decoder layer for both LoRA implementations. A step is forward + backward +
+AdamW over what trains. llamazoo's steps are the trainer's (`loss_sums`, fused AdamW, gradient-norm
+computation; bf16 with fp32 masters); transformers + PEFT is the usual
+`model(input_ids, labels=...).loss.backward(); opt.step()` with SDPA attention (bf16: autocast over fp32
+weights, as in benchmarks/train_vs_hf.py).
 
 Timing: the implementations take turns, one step each in a rotating order, so that a busy machine slows
 all alike; the median step is reported (after one warm-up step each). Memory: each implementation runs
@@ -268,7 +269,8 @@ def main() -> None:
     if not args.no_memory:
         for name in IMPLS:
             cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--dtype", args.dtype, "--rows", args.rows, "--rank", str(args.rank), "--device", args.device]
+                   "--seq", str(args.seq), "--dtype", args.dtype, "--rows", args.rows, "--rank", str(args.rank),
+                   "--device", args.device]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -278,7 +280,8 @@ def main() -> None:
             memory[name] = json.loads(line[len("MEMORY "):])
 
     mib = 2**20
-    print(f"\nmodel {args.model}, {args.dtype}, batch {args.batch} x {args.seq} ({args.rows} rows), LoRA rank {args.rank} "
+    print(f"\nmodel {args.model}, {args.dtype}, batch {args.batch} x {args.seq} ({args.rows} rows), LoRA rank "
+          f"{args.rank} "
           f"alpha {2 * args.rank} on {len(TARGETS)} projections x all layers, device {args.device}, threads "
           f"{torch.get_num_threads()}, {args.steps} timed steps each, load average {load_start} -> "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()))
@@ -294,7 +297,8 @@ def main() -> None:
         print(f"| {name} | {tokens / med[name]:.1f} | {med['llamazoo full'] / med[name]:.2f}x | "
               f"{med['transformers + PEFT LoRA'] / med[name]:.2f}x | {first_loss[name]:.4f} | {mem} |")
     print(f"\nQLoRA's quantized linear layers: {extra['quantized_bytes'] / mib:.1f} MiB = "
-          f"{extra['quantized_bytes'] / extra['bf16_bytes']:.3f}x their bf16 bytes ({extra['bf16_bytes'] / mib:.1f} MiB)")
+          f"{extra['quantized_bytes'] / extra['bf16_bytes']:.3f}x their bf16 bytes "
+          f"({extra['bf16_bytes'] / mib:.1f} MiB)")
 
 
 if __name__ == "__main__":
