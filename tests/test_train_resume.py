@@ -108,3 +108,17 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(reference):
     assert "SIGTERM" in p.stderr and "resume_from=auto" in p.stderr
     assert [c.step for c in list_checkpoints(out)] == [2, 3]
     assert resume(base, out) == ref
+
+
+def test_sigterm_during_the_last_step_finishes_the_run(reference):
+    """The training is complete: the run writes its model and summary as usual and says nothing of a
+    checkpoint to resume from (it used to stop there: no model folder, a log naming a stale checkpoint)."""
+    base, ref = reference
+    out = base / "terminated_last"
+    p = run_driver(base, out, "sigterm", STEPS)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert '"interrupted": null' in p.stdout and f'"step": {STEPS}' in p.stdout
+    assert "resume_from=auto" not in p.stderr
+    assert (out / "model.safetensors").is_file() and (out / "summary.txt").is_file()
+    assert [c.step for c in list_checkpoints(out)][-1] == STEPS
+    assert step_losses(out) == ref

@@ -184,16 +184,9 @@ def score_prepared(model, rows, split: str, cfg: EvalConfig, ctx) -> tuple[Sums,
 
 
 def write_json(data: dict[str, Any], target: str | Path) -> None:
-    """The file appears whole (written under a temporary name, then renamed)."""
-    from llamazoo.io.atomic import remove_path, replace_path, temp_path_beside
+    from llamazoo.io.atomic import write_text
 
-    tmp = temp_path_beside(target)
-    try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        replace_path(tmp, target)
-    except BaseException:
-        remove_path(tmp)
-        raise
+    write_text(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def run_perplexity(cfg: EvalConfig, out: TextIO | None = None, progress: bool = True) -> dict[str, Any]:

@@ -54,6 +54,18 @@ def replace_path(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
         remove_path(old)
 
 
+def write_text(target: str | os.PathLike, text: str) -> None:
+    """A small file (a config, summary or result) that appears whole: a kill mid-write leaves the
+    previous version, not half of the new one."""
+    tmp = temp_path_beside(target)
+    try:
+        tmp.write_text(text)
+        replace_path(tmp, target)
+    except BaseException:
+        remove_path(tmp)
+        raise
+
+
 def remove_path(path: Path) -> None:
     """Removes a folder tree or a file, if there."""
     if path.is_dir() and not path.is_symlink():

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llamazoo.io.atomic import write_text
+
 STEP_COLUMNS = ["Tokens in Step", "Step Loss", "Learning Rate", "Time per Step", "Gradient Norm", "Step"]
 EVAL_COLUMNS = ["Step", "Dev Loss", "Dev Perplexity", "Dev Tokens"]
 
@@ -87,9 +89,7 @@ def write_summary(output_dir: Path, fields: dict[str, Any], model_knobs: dict[st
     lines = [f"{k}: {v}" for k, v in fields.items()]
     lines.append("Model config: " + json.dumps(model_knobs, sort_keys=True))
     path = output_dir / "summary.txt"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -137,7 +137,7 @@ class RunReport:
         import yaml
 
         if self.is_main:
-            (self.output_dir / "train_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            write_text(self.output_dir / "train_config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def open_bar(self, total_steps: int, done: int) -> None:
         if self.is_main:

@@ -225,7 +225,7 @@ class Trainer:
                     if (t.save_every_steps and c.step % t.save_every_steps == 0) or \
                             (stop.signum and c.step < self.total_steps):
                         self.save_checkpoint()
-                    if stop.signum:
+                    if stop.signum and c.step < self.total_steps:  # after the last step: finish as usual
                         interrupted = signal.Signals(stop.signum).name
                         break
         finally:
@@ -329,7 +329,7 @@ class Trainer:
             self.io.load_model_state_dict(self.core, sd)
             del sd
             log(f"resuming from {self.resume_path} (step {train_state['step']})", self.is_main)
-        elif t.resume_from == "auto":
+        elif self.resume_path is None and t.resume_from == "auto":
             log(f"resume_from=auto: no checkpoint in {self.output_dir / 'checkpoints'} yet; starting fresh", self.is_main)
         return train_state
 
