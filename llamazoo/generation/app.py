@@ -220,15 +220,15 @@ def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO |
     text = report.format_text()
     (out if text_mode else err).write("\n" + text)
     if gen.output_dir:
+        from llamazoo.io.atomic import write_text
+
         d = Path(gen.output_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "summary.txt").write_text(text)
-        (d / "summary.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_text(d / "summary.txt", text)
+        write_text(d / "summary.json", json.dumps(report.to_dict(), indent=2) + "\n")
         if text_mode:
-            (d / "completions.txt").write_text("".join(f"{r['prompt']}{r['completion']}\n\n" for r in records))
+            write_text(d / "completions.txt", "".join(f"{r['prompt']}{r['completion']}\n\n" for r in records))
         else:
-            (d / "completions.jsonl").write_text(
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            write_text(d / "completions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         (out if text_mode else err).write(f"wrote {d / 'summary.txt'}\n")
     return rows
 
