@@ -296,3 +296,51 @@ def test_a_taken_port_is_one_clear_error(capsys):
     assert err.strip() == (f"llamazoo serve: error: serve.host=127.0.0.1 serve.port={port}: cannot listen there "
                            f"(Address already in use); choose another serve.host or serve.port (serve.port=0 picks "
                            f"a free one)")
+
+
+def test_serve_command_sigterm_lets_the_stream_finish_and_exits_0(folder):
+    """The command itself, one process: HTTP in a thread, decode steps in the main thread; SIGTERM with a
+    stream in flight: no new connections, the stream runs to its end, exit status 0."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    cmd = [sys.executable, "-m", "llamazoo", "serve", f"checkpoint.model_name_or_path={folder}", "model.device=cpu",
+           "generation.threads=1", "serve.port=0", "serve.shutdown_timeout=60"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        url = None
+        while url is None:
+            line = proc.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+            if " at http://" in line:
+                url = line.split(" at ")[1].split()[0]
+        result: dict = {}
+
+        def long_stream() -> None:
+            with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
+                    "model": MODEL, "prompt": "Hello", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
+                result["lines"] = [line for line in r.iter_lines() if line]
+
+        t = threading.Thread(target=long_stream)
+        t.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/health").json()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert t.is_alive()  # the stream was in flight
+        t.join(120)
+        assert proc.wait(60) == 0, "".join(lines) + proc.stderr.read()
+        assert result["lines"][-1] == "data: [DONE]"
+        texts = [json.loads(line[6:])["choices"][0] for line in result["lines"][:-1]]
+        assert texts[-1]["finish_reason"] == "length"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health")
+        log = "".join(lines) + proc.stderr.read()
+        assert "prompt=1 cached=0 completion=200" in log and log.rstrip().endswith("INFO stopped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

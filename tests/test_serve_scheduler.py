@@ -4,6 +4,9 @@ and seeded sampling; a cancelled sequence frees its row within one step; whole-c
 reused without changing a token; the per-row sampler equals the one-row sampler."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -73,6 +76,28 @@ def test_batched_sequences_equal_their_solo_runs(engine):
         assert [s.tokens for s in seqs] == solo, (admit_every, max_concurrent)
         assert sched.running == [] and sched.decoding == 0 and all(r is None for r in sched.rows)
         assert sched.steps < sum(len(t) for t in solo)  # they did run together
+
+
+def test_run_steps_in_the_calling_thread_until_told(engine):
+    """`llamazoo serve` decodes in the thread that loaded the model (Scheduler.run): a second thread of
+    CPU kernels makes libgomp's workers sleep between parallel regions (15-25% slower steps)."""
+    ps = prompts((8, 20, 12))
+    solo = []
+    for p in ps:
+        s = Sequence(p, max_tokens=10)
+        run_all(engine, [s])
+        solo.append(s.tokens)
+    seqs = [Sequence(p, max_tokens=10) for p in ps]
+    sched = Scheduler(engine, [], max_concurrent=3, prefill_chunk=CHUNK)
+    stepped_in: set[int] = set()
+    sched.on_token = lambda seq, gap: stepped_in.add(threading.get_ident())
+    sched.submit(seqs)
+    sched.run(until=lambda: all(s.done for s in seqs))
+    assert stepped_in == {threading.get_ident()} and [s.tokens for s in seqs] == solo
+    # idle, it returns once told (waiting at most 0.25 s per check)
+    t0 = time.monotonic()
+    sched.run(until=lambda: time.monotonic() - t0 > 0.3)
+    assert sched.running == [] and time.monotonic() - t0 < 5
 
 
 def test_cancel_frees_the_row_within_one_step(engine):

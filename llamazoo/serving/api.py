@@ -14,7 +14,9 @@ import hmac
 import html
 import json
 import logging
+import threading
 import time
+import weakref
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,6 +276,43 @@ class ServerState:
 
 
 # -- one request's sequences ---------------------------------------------------------------------------------
+class Mailbox:
+    """Hands events from the scheduler thread to the event loop: one wake-up for all the events posted
+    before the loop gets to them (a decode step's tokens for every stream), instead of one per token,
+    each of which makes the loop's thread take the GIL while a decode step is running."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+        self._lock = threading.Lock()
+        self._pending = False
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if self._pending:
+                return
+            self._pending = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._pending = self._items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_mailboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    """The loop's mailbox (one per event loop, so one wake-up serves every request of a step)."""
+    box = _mailboxes.get(loop)
+    if box is None:
+        box = _mailboxes[loop] = Mailbox(loop)
+    return box
+
+
 class Job:
     """The sequences of one request and the queue their events arrive in (from the scheduler thread)."""
 
@@ -282,6 +321,7 @@ class Job:
         self.state = state
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        box = mailbox(self.loop)
         params = state.sampling(req)
         stop = req.stop if req.stop is not None else list(state.defaults.stop)
         seed = req.seed if req.seed is not None else state.default_seed
@@ -302,7 +342,7 @@ class Job:
                 self.seqs.append(Sequence(
                     list(ids), want, params, None if seed is None else seed + j, list(stop), logprobs,
                     ignore_eos=req.ignore_eos,
-                    on_event=lambda ev, i=i: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))))
+                    on_event=lambda ev, i=i: box.post(self.queue, (i, ev))))
 
     def submit(self) -> None:
         try:

@@ -134,13 +134,31 @@ def run_server(cfg, model_loader: Callable[..., Any] | None = None, slot_cache: 
     server = _uvicorn_server(build_app(state), cfg.serve.shutdown_timeout)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    state.scheduler.start()
     log.info("serving %s at %s (chat page %s/ , API %s/v1); max_concurrent=%d max_queue=%d%s",
              state.model_name, url, url, url, cfg.serve.max_concurrent, cfg.serve.max_queue,
              ", API key required" if cfg.serve.api_key else "")
+    # HTTP in a thread, the decode steps here: the thread that loaded the model runs it (see Scheduler.run)
+    failed: list[BaseException] = []
+
+    def serve_http() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            failed.append(e)
+
+    http = threading.Thread(target=serve_http, name="llamazoo-http", daemon=True)
+    old = {s: signal.signal(s, server.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run(sockets=[sock])
+        http.start()
+        # in-flight streams keep decoding during uvicorn's graceful shutdown, until its thread ends
+        state.scheduler.run(until=lambda: not http.is_alive())
+        http.join()
+        if failed and not (isinstance(failed[0], SystemExit) and not failed[0].code):
+            log.error("the HTTP server stopped: %s: %s", type(failed[0]).__name__, failed[0])
+            return 1
     finally:
+        for s, h in old.items():
+            signal.signal(s, h)
         state.scheduler.stop()
         sock.close()
         close = getattr(state.scheduler.slots, "close", None)
