@@ -143,3 +143,46 @@ def test_named_config_matches_transformers_architecture():
         ours = LlamaForCausalLM(cfg)
     assert {k: tuple(v.shape) for k, v in hf.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+
+
+def test_bf16_prompts_upcast_where_the_cpu_has_no_bf16_gemm(hf_folder, monkeypatch):
+    """Prompt-sized bf16 matmuls (>= UPCAST_MIN_TOKENS tokens, no autograd) run as fp32 GEMMs over slices
+    of the upcast weight on CPUs without bf16 GEMM kernels: the bf16 result of fp32 accumulation, as
+    transformers' bf16 model gives; one-token steps and training keep F.linear."""
+    import transformers
+
+    from llamazoo.model import llama
+
+    monkeypatch.setattr(llama, "_native_bf16", False)  # as on an AVX2 CPU, whatever this one has
+    monkeypatch.setattr(llama, "_UPCAST_SLICE", 7 * 64)  # several slices, the last one short
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 20, 64, generator=g).bfloat16()
+    w, b = torch.randn(100, 64, generator=g).bfloat16(), torch.randn(100, generator=g).bfloat16()
+    want = (x.float() @ w.float().t() + b.float()).bfloat16()
+    got = llama.bf16_linear_in_fp32(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 20, 100)
+    torch.testing.assert_close(got, want, rtol=2 ** -8, atol=0)
+
+    calls = []
+    real = llama.bf16_linear_in_fp32
+    monkeypatch.setattr(llama, "bf16_linear_in_fp32", lambda *a: calls.append(a[0].shape) or real(*a))
+    hf_model, folder = hf_folder(num_key_value_heads=2)
+    hf_bf16 = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    ours = load_model(folder, dtype="bfloat16")
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, ref32 = hf_bf16(ids).logits.float(), hf_model(ids).logits
+        got = ours(ids).float()
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in ours.modules())
+    assert len(calls) == n_linear and all(s[1] == 40 for s in calls)
+    assert (got - ref32).abs().max() <= 1.5 * (ref - ref32).abs().max() + 1e-3  # as close to fp32 as HF bf16
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+    calls.clear()
+    with torch.no_grad():
+        ours(ids[:, :llama.UPCAST_MIN_TOKENS - 1])  # too short
+        ours(ids[:, :1])
+    ours(ids)  # autograd on: F.linear
+    assert calls == []
+
+
+
