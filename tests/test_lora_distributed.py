@@ -1,11 +1,13 @@
-"""QLoRA under `torchrun -m llamazoo train` with FSDP2 (the frozen base sharded, the NF4 buffers replicated,
-the adapters sharded and trained) equals one process with the same global batch: per-step losses and the
-adapter it writes (fp32 on CPU with gloo)."""
+"""LoRA under `torchrun -m llamazoo train` equals one process with the same global batch: per-step losses and
+the adapter it writes (fp32 on CPU with gloo). QLoRA with FSDP2 (the frozen base sharded, the NF4 buffers
+replicated, the adapters sharded and trained) on a tied model; LoRA with DDP (only the adapters' gradients
+all-reduced) on an untied one."""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 from test_distributed_parallel import torchrun
 from train_helpers import random_dataset, tiny_config_file
@@ -18,7 +20,7 @@ def overrides(base: Path, out: Path, per_worker_batch: int, *extra: str) -> list
     return [f"training.dataset={base / 'ds'}", f"checkpoint.config_name={base / 'c.json'}",
             f"training.output_dir={out}", "model.device=cpu", f"training.batch_size={per_worker_batch}",
             "training.learning_rate=2e-3", "training.max_grad_norm=0.5", "training.end_early_at_step=4",
-            "training.evaluate=false", "training.lora.rank=4", "training.lora.base_quantization=nf4", *extra]
+            "training.evaluate=false", "training.lora.rank=4", *extra]
 
 
 def step_losses(out: Path) -> list[float]:
@@ -26,15 +28,17 @@ def step_losses(out: Path) -> list[float]:
         return [float(r["Step Loss"]) for r in csv.DictReader(f)]
 
 
-def test_fsdp2_qlora_equals_one_process(tmp_path):
+@pytest.mark.parametrize("layout,quant,tied", [("fsdp", "nf4", True), ("ddp", "none", False)])
+def test_lora_under_torchrun_equals_one_process(tmp_path, layout, quant, tied):
     random_dataset(tmp_path / "ds", L=32, n_articles=60)
-    tiny_config_file(tmp_path / "c.json", tie_word_embeddings=True)
-    train(load_config(TrainConfig, None, overrides(tmp_path, tmp_path / "one", 4)), progress=False)
+    tiny_config_file(tmp_path / "c.json", tie_word_embeddings=tied)
+    q = f"training.lora.base_quantization={quant}"
+    train(load_config(TrainConfig, None, overrides(tmp_path, tmp_path / "one", 4, q)), progress=False)
     torchrun(2, ["-m", "llamazoo", "train", "--no-progress",
-                 *overrides(tmp_path, tmp_path / "fsdp", 2, "parallel.data_parallel=fsdp")], timeout=240)
-    ref, got = step_losses(tmp_path / "one"), step_losses(tmp_path / "fsdp")
+                 *overrides(tmp_path, tmp_path / layout, 2, q, f"parallel.data_parallel={layout}")], timeout=240)
+    ref, got = step_losses(tmp_path / "one"), step_losses(tmp_path / layout)
     assert len(got) == 4 and max(abs(a - b) for a, b in zip(ref, got)) <= 1e-5, (ref, got)
     a = load_file(tmp_path / "one" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "fsdp" / "adapter_model.safetensors")
+    b = load_file(tmp_path / layout / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
