@@ -125,8 +125,10 @@ def compare_runs(run: Path, ref: Path) -> dict:
             ulp = torch.exp2(torch.floor(torch.log2(torch.maximum(a.abs(), b.abs()).clamp_min(2.0 ** -126))) - 7)
             bf16_ratio = max(bf16_ratio, ((a - b).abs() / (ulp + 2 * STEPS * LR)).max().item())
     worst = max(diffs, key=diffs.get)
+    dtypes = [{t.dtype for t in sd.values() if t.is_floating_point()} for sd in (got, want)]
     return {"losses": step_losses(run), "ref_losses": step_losses(ref), "weight_diff": diffs[worst],
-            "worst_weight": worst, "bf16_weight_ratio": bf16_ratio}
+            "worst_weight": worst, "bf16_weight_ratio": bf16_ratio,
+            "dtypes": [sorted(str(d) for d in x) for x in dtypes]}
 
 
 def training_matrix(out: Path, ckpt: str, scenario: str) -> dict:

@@ -105,6 +105,8 @@ def training_mismatches(r: dict) -> list[str]:
         bad.append(f"losses differ by {diff:.2e} > {loss_tol:g}: {r['losses']} vs {r['ref_losses']}")
     if bf16 and r["bf16_weight_ratio"] > 1.0:  # one bf16 rounding plus 2 x lr per step (see the worker)
         bad.append(f"bf16 weights differ by {r['bf16_weight_ratio']:.2f} x what bf16 allows ({r['worst_weight']})")
+    if r["dtypes"][0] != r["dtypes"][1]:  # the HF folder holds what one process writes (bf16 runs: bf16)
+        bad.append(f"the HF folder holds {r['dtypes'][0]}, one process writes {r['dtypes'][1]}")
     if not bf16 and r["weight_diff"] > FP32_TOL:
         bad.append(f"weights differ by {r['weight_diff']:.2e} ({r['worst_weight']})")
     return [f"{Path(r['run']).name}: {b}" for b in bad]

@@ -20,10 +20,12 @@ from llamazoo.distributed.mesh import ParallelContext
 from llamazoo.distributed.parallelize import parallelize
 
 
-def make_checkpoint_io(ctx: ParallelContext):
+def make_checkpoint_io(ctx: ParallelContext, hf_dtype: torch.dtype | None = None):
     """A CheckpointIO for a parallel world: training checkpoints with torch.distributed.checkpoint (every
     rank writes its shards), the final HF folder gathered one tensor at a time, rank 0 the only writer
-    of everything else. `model_state_dict` gives whole tensors on rank 0 (empty elsewhere)."""
+    of everything else. `model_state_dict` gives whole tensors on rank 0 (empty elsewhere).
+    hf_dtype: the dtype of the final HF folder's weights (a bf16 run under FSDP2 trains fp32 shards and
+    writes bf16, as one process, DDP and TP do)."""
     from llamazoo.training.state import CheckpointIO
 
     class ParallelCheckpointIO(CheckpointIO):
@@ -48,7 +50,7 @@ def make_checkpoint_io(ctx: ParallelContext):
             staging = Path(output_dir) / ".hf-staging"
             if ctx.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
-            save_sharded_model(model, staging, tokenizer=tokenizer)
+            save_sharded_model(model, staging, tokenizer=tokenizer, dtype=hf_dtype)
             if ctx.is_main:
                 for f in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
                     os.replace(f, Path(output_dir) / f.name)
@@ -71,7 +73,7 @@ def training_hooks(ctx: ParallelContext, cfg):
 
     return TrainHooks(
         parallelize=wrap,
-        checkpoint_io=make_checkpoint_io(ctx),
+        checkpoint_io=make_checkpoint_io(ctx, torch.bfloat16 if fsdp and bf16 else None),
         dp_rank=ctx.dp_rank,
         dp_world_size=ctx.dp_size,
         dp_group=ctx.dp_mesh.get_group() if ctx.mesh is not None else None,

@@ -367,8 +367,9 @@ def iter_full_tensors(model: LlamaForCausalLM) -> Iterator[tuple[str, torch.Tens
 
 
 def save_sharded_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer=None,
-                       max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """A HF folder from a (possibly) sharded model, written by rank 0; call it on every rank.
+                       max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None) -> Path:
+    """A HF folder from a (possibly) sharded model, written by rank 0; call it on every rank. dtype: the
+    floating-point tensors are written in it (FSDP2 mixed precision keeps fp32 shards of a bf16 run).
 
     Like `save_model`, the folder appears atomically; rank 0 holds at most one safetensors shard
     (max_shard_size bytes) at a time. Returns the folder once it exists (all ranks synchronize).
@@ -388,7 +389,7 @@ def save_sharded_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, toke
         shard: dict[str, torch.Tensor] = {}
         files: list[list[str]] = []
         size = total = 0
-        dtype = None
+        written = None
 
         def flush() -> None:
             nonlocal shard, size
@@ -401,19 +402,21 @@ def save_sharded_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, toke
             if rank != 0 or error is not None:
                 continue
             try:
+                if dtype is not None and full.is_floating_point():
+                    full = full.to(dtype)
                 n = full.numel() * full.element_size()
                 if shard and size + n > max_shard_size:
                     flush()
                 shard[name] = full
                 size += n
                 total += n
-                if dtype is None and full.is_floating_point():
-                    dtype = full.dtype
+                if written is None and full.is_floating_point():
+                    written = full.dtype
             except BaseException as e:  # keep gathering with the other ranks, raise at the end
                 error = e
         if rank == 0 and error is None:
             flush()
-            _finish_folder(tmp, out, model.config, files, total, dtype or torch.float32, tokenizer)
+            _finish_folder(tmp, out, model.config, files, total, written or torch.float32, tokenizer)
     except BaseException as e:
         error = error or e
     if rank == 0 and error is not None and tmp is not None:
