@@ -102,12 +102,13 @@ def follow(cfg, model_loader) -> int:
 
     from llamazoo.generation.app import load
     from llamazoo.generation.engine import Engine, SlotCache
+    from llamazoo.generation.packed import BATCHED_HINT
 
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
     loaded = load(cfg, model_loader)
     max_seq_length = cfg.model.max_seq_length or loaded.model.config.max_position_embeddings
-    engine = Engine(loaded.model, loaded.tokenizer, max_seq_length=max_seq_length)
+    engine = Engine(loaded.model, loaded.tokenizer, max_seq_length=max_seq_length, pack_batch_hint=BATCHED_HINT)
     slots = SlotCache(engine, max(cfg.serve.max_concurrent, 2), max_seq_length,
                       batch_invariant=cfg.serve.batch_invariant)
     while True:

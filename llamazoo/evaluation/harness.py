@@ -92,6 +92,7 @@ class LlamazooLM(TemplateLM):
         from llamazoo.evaluation.perplexity import load_for_eval
         from llamazoo.generation.app import default_eos_ids
         from llamazoo.generation.engine import Engine
+        from llamazoo.generation.packed import SCORING_HINT
 
         if env_world()[1] > 1:
             ctx = init_parallel(1, cfg.model.torch_device())
@@ -108,7 +109,7 @@ class LlamazooLM(TemplateLM):
         self.custom_prefix_token_id = prefix_token_id
         self.eos_ids = default_eos_ids(self.model, self.tok, loaded.folder)
         # the engine packs the CPU weights (fused, prepacked projections), which scoring uses too
-        self.engine = Engine(self.model, self.tok, max_seq_length=self._max_length)
+        self.engine = Engine(self.model, self.tok, max_seq_length=self._max_length, pack_batch_hint=SCORING_HINT)
 
     # -- what lm_eval reads ------------------------------------------------------------------------------
     @property

@@ -216,9 +216,9 @@ def run_perplexity(cfg: EvalConfig, out: TextIO | None = None, progress: bool = 
     loaded = load_for_eval(cfg)
     model = loaded.model
     if text:  # fused, prepacked CPU projections (no-op elsewhere); the training loss path of
-        from llamazoo.generation.packed import pack_for_inference  # prepared rows reads plain weights
+        from llamazoo.generation.packed import SCORING_HINT, pack_for_inference  # prepared rows read plain weights
 
-        pack_for_inference(model)
+        pack_for_inference(model, batch_hint=SCORING_HINT)
     ctx.barrier()
     t0 = time.perf_counter()
     if text:

@@ -17,6 +17,7 @@ import torch
 from llamazoo.config import GenerateConfig, GenerationSection
 from llamazoo.generation.chat import encode_chat
 from llamazoo.generation.engine import Engine, RowResult
+from llamazoo.generation.packed import BATCHED_HINT
 from llamazoo.generation.report import Report, row_metrics
 from llamazoo.generation.sampling import SamplingParams
 
@@ -166,7 +167,8 @@ def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO |
     prompt_ids = encode_prompts(gen, tok, max_seq_length)
     eos = gen.eos_token_ids if gen.eos_token_ids is not None else default_eos_ids(model, tok, loaded.folder)
     params = sampling_params(gen)
-    engine = Engine(model, tok, compile=gen.compile, max_seq_length=max_seq_length)
+    hint = 1 if min(gen.batch_size, len(prompt_ids)) == 1 else BATCHED_HINT
+    engine = Engine(model, tok, compile=gen.compile, max_seq_length=max_seq_length, pack_batch_hint=hint)
     compile_s = None
     if gen.compile and engine.uses_compiled_step(min(gen.batch_size, len(prompt_ids))):
         first = prompt_ids[:gen.batch_size]

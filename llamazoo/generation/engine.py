@@ -145,10 +145,10 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, compile: bool = False, cache_multiple: int = 64,
-                 max_seq_length: int | None = None, pack: bool = True):
+                 max_seq_length: int | None = None, pack: bool = True, pack_batch_hint: int = 1):
         self.model = model
         # CPU: fused, prepacked projections (see packed.py); False where it does not apply
-        self.packed = pack and pack_for_inference(model, in_place=not compile)
+        self.packed = pack and pack_for_inference(model, in_place=not compile, batch_hint=pack_batch_hint)
         if compile and not self.packed:
             unpack(model)  # weights another engine packed in place: the compiled step reads plain ones
         self.tok = tokenizer

@@ -34,6 +34,7 @@ def build_state(cfg, model_loader: Callable[..., Any] | None = None, slot_cache:
     llamazoo.distributed.generation_hooks.parallel_serving)."""
     from llamazoo.generation.app import default_eos_ids, load
     from llamazoo.generation.engine import Engine
+    from llamazoo.generation.packed import BATCHED_HINT
     from llamazoo.serving.api import ServerState
     from llamazoo.serving.scheduler import Scheduler
 
@@ -44,7 +45,7 @@ def build_state(cfg, model_loader: Callable[..., Any] | None = None, slot_cache:
     model, tok = loaded.model, loaded.tokenizer
     max_seq_length = cfg.model.max_seq_length or model.config.max_position_embeddings
     eos = gen.eos_token_ids if gen.eos_token_ids is not None else default_eos_ids(model, tok, loaded.folder)
-    engine = Engine(model, tok, max_seq_length=max_seq_length)
+    engine = Engine(model, tok, max_seq_length=max_seq_length, pack_batch_hint=BATCHED_HINT)
     s = cfg.serve
     sched = Scheduler(engine, eos, max_concurrent=s.max_concurrent, max_queue=s.max_queue,
                       prefill_chunk=s.prefill_chunk, max_seq_length=max_seq_length, log_every_s=s.log_every_s,
