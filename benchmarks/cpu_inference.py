@@ -104,6 +104,17 @@ def child(spec: dict) -> dict:
         engine = Engine(model, None)
         out["packed"] = engine.packed
 
+        def for_batch(batch):
+            """The layout `llamazoo generate` packs for this batch size (see generation.packed)."""
+            nonlocal engine
+            from llamazoo.generation.packed import BATCHED_HINT, unpack
+
+            hint = 1 if batch == 1 else BATCHED_HINT
+            if engine.packed and getattr(engine, "hint", 1) != hint:
+                unpack(model)
+                engine = Engine(model, None, pack_batch_hint=hint)
+                engine.hint = hint
+
         def run(ids, new):
             rows = engine.generate_batch(ids, new, eos_ids=())
             assert all(r.num_tokens == new for r in rows)
@@ -122,6 +133,9 @@ def child(spec: dict) -> dict:
         out["load_s"] = time.perf_counter() - t
         out["weights"] = sum(p.numel() * p.element_size() for p in model.parameters())
 
+        def for_batch(batch):
+            pass
+
         def run(ids, new):
             x = torch.tensor(ids)
             with torch.inference_mode():
@@ -135,6 +149,7 @@ def child(spec: dict) -> dict:
             return (2 * c.num_hidden_layers * batch * c.num_key_value_heads * head_dim
                     * (spec["prompt"] + spec["new_tokens"]) * torch.finfo(model.dtype).bits // 8)
     for batch in spec["batches"]:
+        for_batch(batch)
         ids = prompts(batch, spec["prompt"], spec["vocab"])
         run(ids, 4)  # warm-up: caches, oneDNN primitives
         repeats = spec["repeats"] if batch == 1 else 1
