@@ -283,3 +283,27 @@ def test_reuse_prefix_prefills_only_new_tokens_and_gives_the_same_tokens(tmp_pat
     prefill_lengths.clear()
     chat.generate_batch([turn3], 6)  # without reuse_prefix: the whole prompt
     assert prefill_lengths[0] == 7
+
+
+def test_a_tied_head_packed_copy_keeps_the_embedding(tmp_path):
+    """`llamazoo serve` packs a copy of a tied LM head (batched decoding): same logits, the embedding
+    stays the plain tensor lookups read, state_dict and unpack unchanged."""
+    from llamazoo.generation.packed import BATCHED_HINT, pack_for_inference, unpack
+
+    hf_tiny_model(max_position_embeddings=256, tie_word_embeddings=True).save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    emb = model.model.embed_tokens.weight
+    assert model.lm_head.weight is emb
+    ids = torch.tensor(random_prompts([9, 9], 256, seed=7))
+    steps = torch.tensor(random_prompts([1] * 5, 256, seed=8))
+    with torch.inference_mode():
+        ref = [model(ids), model(steps)]
+        assert pack_for_inference(model, batch_hint=BATCHED_HINT, tied_head_copy=True)
+        assert model.lm_head.__dict__.get("packed") is not None
+        assert model.model.embed_tokens.weight is emb and emb.data_ptr() == model.lm_head.weight.data_ptr()
+        got = [model(ids), model(steps)]
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    sd = model.state_dict()  # unpacks
+    assert "packed" not in model.lm_head.__dict__ and torch.equal(sd["model.embed_tokens.weight"], emb)
+    unpack(model)

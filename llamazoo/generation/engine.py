@@ -145,10 +145,12 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, compile: bool = False, cache_multiple: int = 64,
-                 max_seq_length: int | None = None, pack: bool = True, pack_batch_hint: int = 1):
+                 max_seq_length: int | None = None, pack: bool = True, pack_batch_hint: int = 1,
+                 pack_tied_head: bool = False):
         self.model = model
         # CPU: fused, prepacked projections (see packed.py); False where it does not apply
-        self.packed = pack and pack_for_inference(model, in_place=not compile, batch_hint=pack_batch_hint)
+        self.packed = pack and pack_for_inference(model, in_place=not compile, batch_hint=pack_batch_hint,
+                                                  tied_head_copy=pack_tied_head)
         if compile and not self.packed:
             unpack(model)  # weights another engine packed in place: the compiled step reads plain ones
         self.tok = tokenizer

@@ -156,12 +156,14 @@ def _unpack_before_state_dict(model: nn.Module, *args, **kwargs) -> None:
 
 
 @torch.no_grad()
-def pack_for_inference(model: nn.Module, in_place: bool = True, batch_hint: int = 1) -> bool:
+def pack_for_inference(model: nn.Module, in_place: bool = True, batch_hint: int = 1,
+                       tied_head_copy: bool = False) -> bool:
     """Installs packed, fused projections on a LlamaForCausalLM; returns False (and changes nothing)
     when `can_pack` says no. in_place=True releases the plain weights (see the module docstring).
 
     batch_hint: the rows per matmul the blocked layout is chosen for (see BATCHED_HINT); a model already
-    packed keeps its layout."""
+    packed keeps its layout. tied_head_copy: a tied LM head gets a packed copy beside the embedding (which
+    lookups need plain): the head's bytes twice, for a head matmul ~2x as fast at batched decoding."""
     if getattr(model, "packed_for_inference", False):
         if in_place or not _in_place(model):
             return True
@@ -174,6 +176,9 @@ def pack_for_inference(model: nn.Module, in_place: bool = True, batch_hint: int 
     # big ones (the LM head) before the rest is resident keeps the peak near the weights' size
     for owner, attr, group in sorted(_groups(model), key=lambda g: -sum(m.weight.numel() for m in g[2])):
         setattr(owner, attr, PackedLinear(group, in_place, batch_hint))
+    head = model.lm_head
+    if tied_head_copy and head.weight is model.model.embed_tokens.weight and type(head) is nn.Linear:
+        head.packed = PackedLinear([head], in_place=False, batch_hint=batch_hint)
     model.packed_for_inference = True
     if in_place and not hasattr(model, "_unpack_hook"):
         model._unpack_hook = model.register_state_dict_pre_hook(_unpack_before_state_dict)
