@@ -16,8 +16,8 @@ import json
 import logging
 import threading
 import time
-import weakref
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
