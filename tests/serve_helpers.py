@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -37,3 +40,35 @@ def running_server(folder: Path, *overrides: str) -> Iterator[tuple[str, object]
     state = build_state(serve_config(folder, *overrides))
     with ServerThread(state) as url:
         yield url, state
+
+
+def url_from_log(proc: subprocess.Popen, lines: list[str], timeout: float = 180) -> str:
+    """The base URL that a `llamazoo serve` process logs when it listens (its stderr lines go to `lines`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+        if " at http://" in line:
+            return line.split(" at ")[1].split()[0]
+    raise AssertionError("no URL logged:\n" + "".join(lines))
+
+
+def stream_in_flight(url: str, model: str, max_tokens: int) -> tuple[threading.Thread, dict]:
+    """A streaming completion (prompt "Hello", EOS ignored) in a thread, returned once the server runs it;
+    result["lines"] gets the stream's non-empty lines when it ends."""
+    import httpx
+
+    result: dict = {}
+
+    def run() -> None:
+        with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
+                "model": model, "prompt": "Hello", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}) as r:
+            result["lines"] = [line for line in r.iter_lines() if line]
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 60
+    while httpx.get(url + "/health").json()["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return t, result

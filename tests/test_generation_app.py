@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from conftest import hf_tiny_model
 from llamazoo.cli import main

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from llamazoo.cli import main
-from serve_helpers import running_server, tiny_chat_folder
+from serve_helpers import running_server, stream_in_flight, tiny_chat_folder, url_from_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODEL = "tiny"
@@ -304,32 +304,14 @@ def test_serve_command_sigterm_lets_the_stream_finish_and_exits_0(folder):
     import signal
     import subprocess
     import sys
-    import threading
 
     cmd = [sys.executable, "-m", "llamazoo", "serve", f"checkpoint.model_name_or_path={folder}", "model.device=cpu",
            "generation.threads=1", "serve.port=0", "serve.shutdown_timeout=60"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     try:
-        url = None
-        while url is None:
-            line = proc.stderr.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-            if " at http://" in line:
-                url = line.split(" at ")[1].split()[0]
-        result: dict = {}
-
-        def long_stream() -> None:
-            with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
-                    "model": MODEL, "prompt": "Hello", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
-                result["lines"] = [line for line in r.iter_lines() if line]
-
-        t = threading.Thread(target=long_stream)
-        t.start()
-        deadline = time.monotonic() + 60
-        while httpx.get(url + "/health").json()["running"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        url = url_from_log(proc, lines)
+        t, result = stream_in_flight(url, MODEL, 200)
         proc.send_signal(signal.SIGTERM)
         assert t.is_alive()  # the stream was in flight
         t.join(120)

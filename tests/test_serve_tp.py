@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import psutil
 import pytest
 
 from llamazoo.cli import main
-from serve_helpers import tiny_chat_folder
+from serve_helpers import stream_in_flight, tiny_chat_folder, url_from_log
 from test_distributed_parallel import free_port, torchrun_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,14 +33,7 @@ def test_tensor_parallel_serving_gives_one_process_tokens(tmp_path, default_mode
     proc = subprocess.Popen(cmd, env=torchrun_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     try:
-        url = None
-        deadline = time.monotonic() + 180
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-            if " at http://" in line:
-                url = line.split(" at ")[1].split()[0]
+        url = url_from_log(proc, lines)
         got: dict[int, str] = {}
 
         def ask(i: int) -> None:
@@ -58,18 +50,7 @@ def test_tensor_parallel_serving_gives_one_process_tokens(tmp_path, default_mode
         # SIGTERM to rank 0 with a stream in flight (torchrun's own SIGTERM handler ends with status 1
         # whatever the workers do): it stops accepting, lets the stream finish, tells rank 1 to stop, both
         # exit 0, so torchrun does too
-        result: dict = {}
-
-        def long_stream() -> None:
-            with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
-                    "model": "tiny", "prompt": "Hello", "max_tokens": 150, "stream": True, "ignore_eos": True}) as r:
-                result["lines"] = [line for line in r.iter_lines() if line]
-
-        t = threading.Thread(target=long_stream)
-        t.start()
-        deadline = time.monotonic() + 60
-        while httpx.get(url + "/health").json()["running"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        t, result = stream_in_flight(url, "tiny", 150)
         workers = psutil.Process(proc.pid).children(recursive=True)
         rank0 = [w for w in workers if w.environ().get("RANK") == "0" and "llamazoo" in " ".join(w.cmdline())]
         assert len(rank0) == 1

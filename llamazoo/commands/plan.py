@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         if lay.devices == 1:
             print(f"Smallest layout that fits: 1 device, {best.total / 2**30:.1f} GiB")
             return 0
-        flags = f"parallel.tensor_parallel={lay.tp}" + (f" parallel.data_parallel=fsdp" if lay.dp > 1 else "")
+        flags = f"parallel.tensor_parallel={lay.tp}" + (" parallel.data_parallel=fsdp" if lay.dp > 1 else "")
         print(f"Smallest layout that fits: {lay.describe()}, {best.total / 2**30:.1f} GiB per device "
               f"(torchrun --nproc_per_node ... with {flags})")
         if (lay.tp, lay.dp) != (args.tp, args.dp):

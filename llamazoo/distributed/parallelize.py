@@ -22,7 +22,6 @@ import contextlib
 from typing import Iterable, Iterator, Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from llamazoo.distributed.mesh import ParallelContext

@@ -7,7 +7,7 @@ that checkpoints, tensor-parallel plans and optimizers address the same names.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
 import torch

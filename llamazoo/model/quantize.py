@@ -240,7 +240,7 @@ class WeightOnlyLinear(nn.Module):
 
     def stored(self) -> dict[str, torch.Tensor]:
         """The stored-format tensors (module docstring), from whatever layout the layer holds."""
-        N, K, g = self.out_features, self.in_features, self.group_size
+        N, K = self.out_features, self.in_features
         if self.kernel is None or self.kernel == "int8":
             out = {"weight_q": self.weight_q, "weight_scale": self.weight_scale}
             if self.bits == 4:
