@@ -307,3 +307,29 @@ def test_a_tied_head_packed_copy_keeps_the_embedding(tmp_path):
     sd = model.state_dict()  # unpacks
     assert "packed" not in model.lm_head.__dict__ and torch.equal(sd["model.embed_tokens.weight"], emb)
     unpack(model)
+
+
+def test_a_plain_fp32_head_takes_the_weight_first_product_for_several_rows(tmp_path, monkeypatch):
+    """The engine's LM head, plain fp32 on CPU (a tied head is not packed), computes (W x^T)^T from two rows
+    on: the same logits as F.linear within fp32 rounding, and the same greedy tokens; one row keeps F.linear."""
+    from llamazoo.generation import engine as engine_module
+    from llamazoo.model.llama import fp32_linear_weight_first
+
+    hf_tiny_model(max_position_embeddings=256, tie_word_embeddings=True).save_pretrained(tmp_path)
+    eng = Engine(load_model(tmp_path), tokenizer=None)
+    assert "packed" not in eng.model.lm_head.__dict__
+    calls = []
+    monkeypatch.setattr(engine_module, "fp32_linear_weight_first",
+                        lambda *a: calls.append(a[0].shape) or fp32_linear_weight_first(*a))
+    h = torch.randn(3, 4, eng.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got = eng._logits(h)
+        one = eng._logits(h[:1])
+    want = torch.nn.functional.linear(h[:, -1], eng.model.lm_head.weight)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        want_one = torch.nn.functional.linear(h[:1, -1], eng.model.lm_head.weight)
+    assert calls == [(3, eng.model.config.hidden_size)] and torch.equal(one, want_one)
+    prompts = random_prompts([5, 9], 256, seed=3)
+    batched = [r.token_ids for r in eng.generate_batch(prompts, 8)]
+    assert batched == [eng.generate_batch([p], 8)[0].token_ids for p in prompts]

@@ -183,31 +183,3 @@ def test_bf16_prompts_upcast_where_the_cpu_has_no_bf16_gemm(hf_folder, monkeypat
         ours(ids[:, :1])
     ours(ids)  # autograd on: F.linear
     assert calls == []
-
-
-
-
-
-def test_plain_fp32_weights_take_the_weight_first_product_for_several_rows(monkeypatch):
-    """Inference with a plain fp32 weight on CPU (a tied head that is not packed) computes (W x^T)^T from
-    two rows on: the same numbers as F.linear within fp32 rounding; one row and autograd keep F.linear."""
-    from llamazoo.model import llama
-
-    g = torch.Generator().manual_seed(0)
-    lin = torch.nn.Linear(64, 300, bias=True)
-    calls = []
-    real = llama.fp32_linear_weight_first
-    monkeypatch.setattr(llama, "fp32_linear_weight_first", lambda *a: calls.append(a[0].shape) or real(*a))
-    for shape in [(2, 64), (3, 5, 64), (1, 7, 64)]:
-        x = torch.randn(*shape, generator=g)
-        with torch.no_grad():
-            got, want = llama.linear(x, lin), torch.nn.functional.linear(x, lin.weight, lin.bias)
-        assert got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert calls == [(2, 64), (3, 5, 64), (1, 7, 64)]
-    calls.clear()
-    with torch.no_grad():
-        llama.linear(torch.randn(1, 64), lin)
-        llama.linear(torch.randn(1, 1, 64), lin)
-    llama.linear(torch.randn(4, 64), lin)  # autograd on
-    assert calls == []

@@ -152,12 +152,11 @@ def rope_inv_freq(cfg: LlamaConfig, seq_len: int | None = None) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-    """`lin(x)`, with four inference fast paths.
+    """`lin(x)`, with three inference fast paths.
 
     Eager: `lin.packed` when set (llamazoo.generation.packed: a prepacked oneDNN weight; not a module, so
     names and state_dict are unchanged); else, for bf16 prompts on a CPU without bf16 GEMM kernels, an fp32
-    GEMM over upcast weight slices (`bf16_linear_in_fp32`, see UPCAST_MIN_TOKENS); a plain fp32 weight with
-    several rows, as the weight-first product (`fp32_linear_weight_first`). Under torch.compile, one row on CPU (batch-1 decode) is a
+    GEMM over upcast weight slices (`bf16_linear_in_fp32`, see UPCAST_MIN_TOKENS). Under torch.compile, one row on CPU (batch-1 decode) is a
     multiply-reduce: inductor fuses it into one pass over the weight at close to memory bandwidth, ~1.5x
     the extern matrix-vector call `F.linear` becomes. Both accumulate in fp32, like the GEMMs.
     Any other module (a LoRA layer, a quantized linear: llamazoo.model.lora) is simply called, so that
@@ -179,8 +178,6 @@ def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     if not torch.is_grad_enabled() and x.device.type == "cpu":
         if x.dim() == 3 and x.shape[1] >= UPCAST_MIN_TOKENS and _slow_bf16_gemm(lin.weight):
             return bf16_linear_in_fp32(x, lin.weight, lin.bias)
-        if lin.weight.dtype == torch.float32 and x.numel() >= 2 * x.shape[-1] and not hasattr(lin.weight, "placements"):
-            return fp32_linear_weight_first(x, lin.weight, lin.bias)
     return lin(x)
 
 
@@ -188,7 +185,9 @@ def fp32_linear_weight_first(x: torch.Tensor, w: torch.Tensor, bias: torch.Tenso
     """x W^T + b as (W x^T)^T, for a plain (unpacked) fp32 weight on CPU and 2 rows or more: the CPU BLAS
     runs the weight-first product 1.3-3x faster at these shapes (2 threads, ms, F.linear vs this, rows
     2 / 8 / 32: SmolLM2's tied head 49152x576 17.8/4.8, 21.2/9.1, 30.9/18.3; Llama-2's head 32000x4096
-    56.7/32.6, 115/53, 166/104); equal at one row. The result is a transposed view, no copy."""
+    56.7/32.6, 115/53, 166/104); equal at one row. The result is a transposed view, no copy. Used for the
+    generation engine's LM head only: its summation order differs from F.linear's, which over every layer
+    of a forward pass would move logits away from transformers' (1.6e-4 on SmolLM2)."""
     x2 = x.reshape(-1, x.shape[-1])
     y = (w @ x2.t()).t()
     if bias is not None:
