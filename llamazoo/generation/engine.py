@@ -179,8 +179,8 @@ class Engine:
         head = self.model.lm_head
         x = h[:, -1].to(head.weight.dtype)
         w = head.weight
-        if (type(head) is nn.Linear and "packed" not in head.__dict__ and w.dtype == torch.float32
-                and w.device.type == "cpu" and x.shape[0] >= 2 and not hasattr(w, "placements")):
+        if (x.shape[0] >= 2 and w.dtype == torch.float32 and w.device.type == "cpu" and type(head) is nn.Linear
+                and "packed" not in head.__dict__ and not hasattr(w, "placements")):
             return fp32_linear_weight_first(x, w, head.bias)
         return linear(x, head).float()
 
