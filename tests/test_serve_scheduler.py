@@ -12,6 +12,7 @@ import torch
 
 from conftest import hf_tiny_model
 from llamazoo.generation.engine import Engine, SlotCache
+from llamazoo.generation.packed import BATCHED_HINT
 from llamazoo.generation.sampling import SamplingParams, choose_tokens, choose_tokens_per_row
 from llamazoo.io.hf import load_model
 from llamazoo.serving.scheduler import Scheduler, Sequence
@@ -25,6 +26,14 @@ def engine(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_sched")
     hf_tiny_model(max_position_embeddings=256, num_key_value_heads=2).save_pretrained(out)
     return Engine(load_model(out), tokenizer=None)
+
+
+@pytest.fixture(scope="module")
+def serve_engine(tmp_path_factory):
+    """The engine as `llamazoo serve` builds it: weights packed for batches."""
+    out = tmp_path_factory.mktemp("tiny_serve")
+    hf_tiny_model(max_position_embeddings=256, num_key_value_heads=2).save_pretrained(out)
+    return Engine(load_model(out), tokenizer=None, pack_batch_hint=BATCHED_HINT)
 
 
 def prompts(lengths, seed=0):
@@ -177,6 +186,52 @@ def test_slot_cache_decode_logits_are_batch_invariant(engine):
         alone = SlotCache(engine, 4, 256)
         assert torch.equal(alone.prefill(0, p, 0), first[r])
         assert torch.equal(alone.decode([toks[r]], [len(p)])[0], together[r])
+
+
+def test_prefill_rows_equal_each_row_alone(serve_engine):
+    """Rows prefilled in one pass (different lengths, from slot 0 and after a prefix, chunks below and
+    above UPCAST_MIN_TOKENS) give bit-identical logits and caches to each row prefilled alone."""
+    slots = SlotCache(serve_engine, 6, 256)
+    assert slots.batched_prefill  # fp32 on CPU: the probe finds the kernels row-invariant
+    ps = prompts((1, 5, 20, 11, 40, 2), seed=21)
+    more = prompts((3, 1, 17, 2, 9, 30), seed=22)
+    together = slots.prefill_rows(0, [(p, 0) for p in ps])
+    together2 = slots.prefill_rows(0, [(m, len(p)) for p, m in zip(ps, more)])
+    for r, (p, m) in enumerate(zip(ps, more)):
+        alone = SlotCache(serve_engine, 2, 256)
+        assert torch.equal(alone.prefill(0, p, 0), together[r]), r
+        assert torch.equal(alone.prefill(0, m, len(p)), together2[r]), r
+        n = len(p) + len(m)
+        for big, small in zip(slots.full, alone.full):
+            assert torch.equal(big.k[r, :, :n], small.k[0, :, :n]) and torch.equal(big.v[r, :, :n], small.v[0, :, :n])
+    with pytest.raises(ValueError, match="at least one token"):
+        slots.prefill_rows(0, [(ps[0], 0), ([], 3)])
+
+
+def test_a_burst_is_prefilled_in_few_passes_with_solo_tokens(serve_engine, monkeypatch):
+    """Sequences arriving together are prefilled in shared passes (not one pass each), sequences sharing a
+    whole-chunk prefix reuse it from the first one's row, and every sequence gives its solo tokens."""
+    system = prompts((CHUNK,), seed=30)[0]
+    ps = prompts(LENGTHS, seed=31) + [system + q for q in prompts((4, 9, 2), seed=32)]
+    solo = []
+    for i, p in enumerate(ps):
+        s = make(i, p)
+        run_all(serve_engine, [s])
+        solo.append(s.tokens)
+    passes = []
+    real = SlotCache._prefill_pass
+    monkeypatch.setattr(SlotCache, "_prefill_pass", lambda self, first, chunks: passes.append(len(chunks))
+                        or real(self, first, chunks))
+    sched = Scheduler(serve_engine, [], max_concurrent=len(ps), prefill_chunk=CHUNK)
+    passes.clear()  # the start-up probes'
+    seqs = [make(i, p) for i, p in enumerate(ps)]
+    sched.submit(seqs)
+    while sched.step():
+        pass
+    assert [s.tokens for s in seqs] == solo
+    chunks = sum(-(-len(p) // CHUNK) for p in ps) - 2  # two of the three share the system prompt's chunk
+    assert sum(passes) == chunks and len(passes) <= chunks // 2, passes
+    assert [s.cached_tokens for s in seqs[-3:]] == [0, CHUNK, CHUNK]
 
 
 def test_per_row_sampling_equals_one_row_sampling():

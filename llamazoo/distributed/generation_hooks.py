@@ -69,9 +69,9 @@ def _mirrored_slot_cache():
             if self._mirror:
                 dist.broadcast_object_list([(op, args)], src=0)
 
-        def prefill(self, row, ids, start):
-            self._tell("prefill", row, list(ids), start)
-            return super().prefill(row, ids, start)
+        def prefill_rows(self, first, chunks):  # `prefill` comes here too
+            self._tell("prefill_rows", first, [(list(ids), start) for ids, start in chunks])
+            return super().prefill_rows(first, chunks)
 
         def decode(self, tokens, lengths):
             self._tell("decode", list(tokens), list(lengths))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -281,6 +281,19 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+# Decode attends over a multiple of this many cache slots (masked beyond the row's length), so that a row
+# decoded among longer rows gives the numbers it gives alone: the masked slots get zero weight, and the
+# fp32 q.k^T matmul of the CPU BLAS gives the same scores at every width that is a multiple of 32 (not so
+# in a tail of fewer than 4 columns, nor at widths 8-24 for small heads; measured for head sizes 16-128).
+ATTENTION_WIDTH_MULTIPLE = 32
+
+
+def attention_width(slots: int, cache_len: int) -> int:
+    """Cache slots a one-token step attends over when the longest row fills `slots`."""
+    m = ATTENTION_WIDTH_MULTIPLE
+    return min(-(-slots // m) * m, cache_len)
+
+
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of one new token over the cache (decode), as SDPA computes it: scores and softmax in
     fp32, probabilities in v's dtype for P.V. Two small matmuls instead of SDPA's blocked CPU kernel,
@@ -300,6 +313,33 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     return y.reshape(B, H, T, D)
 
 
+def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Attention for rows of different lengths prefilled together (right-padded): row b's queries are its
+    tokens at cache slots start..start+n-1 and see slots 0..their own. Each row runs the attention call it
+    would run alone (same shapes: causal SDPA from slot 0, masked SDPA after a cached prefix, the
+    one-query kernel for one token), so its numbers do not depend on the other rows; padded query
+    positions get zeros. q [B,H,T,D], k/v the cache [B,Hkv,S,D]."""
+    y = torch.zeros_like(q)
+    gqa = k.shape[1] != q.shape[1]
+    for b, (start, n) in enumerate(spans):
+        end = start + n
+        qb = q[b:b + 1, :, :n]
+        if n == 1:
+            w = attention_width(end, k.shape[2])
+            mask = (torch.arange(w, device=q.device) < end)[None, None, None]
+            yb = one_query_attention(qb, k[b:b + 1, :, :w], v[b:b + 1, :, :w], mask)
+        elif start == 0:
+            yb = F.scaled_dot_product_attention(qb, k[b:b + 1, :, :n], v[b:b + 1, :, :n], is_causal=True,
+                                                enable_gqa=gqa)
+        else:
+            mask = torch.arange(end, device=q.device)[None] <= torch.arange(start, end, device=q.device)[:, None]
+            yb = F.scaled_dot_product_attention(qb, k[b:b + 1, :, :end], v[b:b + 1, :, :end],
+                                                attn_mask=mask[None, None], enable_gqa=gqa)
+        y[b, :, :n] = yb[0]
+    return y
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, opts: PrecisionOptions):
         super().__init__()
@@ -315,7 +355,7 @@ class Attention(nn.Module):
         # (set by llamazoo.generation.packed; not a module, so names and state_dict are unchanged).
         self.fused_qkv: Callable | None = None
 
-    def forward(self, x, cos, sin, mask, cache_pos):
+    def forward(self, x, cos, sin, mask, cache_pos, spans=None):
         B, T, _ = x.shape
         if self.fused_qkv is not None and not torch.compiler.is_compiling():
             q, k, v = self.fused_qkv(x)
@@ -330,12 +370,14 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
             width = T if mask is None else mask.shape[-1]  # no mask here: a causal prefill from slot 0
-            if width < k.shape[2]:  # a narrower mask covers the first slots
+            if spans is None and width < k.shape[2]:  # a narrower mask covers the first slots
                 k, v = k[:, :, :width], v[:, :, :width]
         dtype = q.dtype
         if not self.mixedp_attn and dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()
-        if T == 1 and mask is not None and mask.dtype == torch.bool:
+        if spans is not None:
+            y = span_attention(q, k, v, spans)
+        elif T == 1 and mask is not None and mask.dtype == torch.bool:
             y = one_query_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(
@@ -370,9 +412,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.fp32_ln)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.fp32_ln)
 
-    def forward(self, h, cos, sin, mask, cache_pos):
+    def forward(self, h, cos, sin, mask, cache_pos, spans=None):
         # h may be fp32 (fp32_skip_add) while the weights are bf16: sublayers see the weights' dtype.
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache_pos)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache_pos, spans)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -391,7 +433,8 @@ class LlamaForCausalLM(nn.Module):
     attention_mask is boolean (True = may attend), [B,1,T,S] or broadcastable, S being T or, with a
     KV cache, the cache length. Without a mask the model is causal (with a cache: cache_pos holds
     consecutive slots). run_layer(layer, h, cos, sin, mask, cache_pos), when given, calls each decoder
-    layer (the generation engine passes a compiled one).
+    layer (the generation engine passes a compiled one). spans [(start, n) per row], with a cache and
+    [B,T] cache_pos instead of a mask: rows of different lengths prefilled together (`span_attention`).
     """
 
     def __init__(self, cfg: LlamaConfig, opts: PrecisionOptions | None = None):
@@ -442,6 +485,7 @@ class LlamaForCausalLM(nn.Module):
         cache_pos: torch.Tensor | None = None,
         return_hidden: bool = False,
         run_layer: Callable | None = None,
+        spans: Sequence[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
         B, T = input_ids.shape
         if self.cache_len:
@@ -450,9 +494,9 @@ class LlamaForCausalLM(nn.Module):
             # No mask: causal. A prefill into an empty cache (slots 0..T-1) keeps no mask, so that SDPA
             # takes its causal path over the T new keys (it skips the masked half); anything else gets
             # an explicit mask over the cache slots.
-            if attention_mask is None and cache_pos.dim() == 2:
-                raise ValueError("per-row cache positions ([B,T] cache_pos) need an attention_mask")
-            if attention_mask is None and not (T > 1 and int(cache_pos[0]) == 0):
+            if attention_mask is None and cache_pos.dim() == 2 and spans is None:
+                raise ValueError("per-row cache positions ([B,T] cache_pos) need an attention_mask or spans")
+            if attention_mask is None and spans is None and not (T > 1 and int(cache_pos[0]) == 0):
                 slots = torch.arange(self.cache_len, device=input_ids.device)
                 attention_mask = (slots[None, :] <= cache_pos[:, None])[None, None]
             if position_ids is None:
@@ -468,7 +512,9 @@ class LlamaForCausalLM(nn.Module):
             h = h.float()
         cos, sin = self.rope(position_ids, dtype)
         for layer in self.model.layers:
-            if run_layer is None:
+            if spans is not None:
+                h = layer(h, cos, sin, attention_mask, cache_pos, spans)
+            elif run_layer is None:
                 h = layer(h, cos, sin, attention_mask, cache_pos)
             else:
                 h = run_layer(layer, h, cos, sin, attention_mask, cache_pos)

@@ -5,7 +5,9 @@ One scheduler thread owns the model. Each `step`:
 2. admits waiting sequences while rows are free (at most max_concurrent run at once);
 3. prefills: at most `prefill_tokens` prompt tokens in all (at least one chunk) while sequences are
    decoding, all admitted prompts when none is, in chunks that start at multiples of prefill_chunk, so
-   a long prompt is spread over several steps instead of stalling the running streams;
+   a long prompt is spread over several steps instead of stalling the running streams; one chunk of
+   every prompt the budget reaches in one forward pass (`SlotCache.prefill_rows`) where the model's
+   kernels give each row the same numbers that way (`SlotCache.batched_prefill`), else one by one;
 4. decodes every sequence whose prompt is in, one token each, in one batched step over the KV cache
    (`SlotCache`: a row per sequence, each at its own length), then samples per row (own parameters,
    own seeded generator);
@@ -254,29 +256,59 @@ class Scheduler:
         # decoding nobody waits, so every admitted prompt is prefilled now (a burst gets its first tokens
         # together)
         budget = self.prefill_tokens if self.decoding else sum(len(s.prompt_ids) for s in self.running)
-        for seq in [s for s in self.running if s.prefilled < len(s.prompt_ids)]:
+        todo = [s for s in self.running if s.prefilled < len(s.prompt_ids)]
+        while budget > 0 and todo:
+            batch, budget = self._next_chunks(todo, budget)
+            if self.slots.batched_prefill:
+                self._prefill_together(batch)
+            else:
+                for seq, end in batch:
+                    self._prefill_together([(seq, end)])
+            todo = [s for s in todo if s.prefilled < len(s.prompt_ids)]
+
+    def _next_chunks(self, todo: list[Sequence], budget: int) -> tuple[list[tuple[Sequence, int]], int]:
+        """One chunk (sequence, end) for each sequence the budget reaches, in admission order. A sequence
+        whose prompt shares a whole chunk with a chunk of this round waits for the next round, where it
+        reuses that chunk instead of computing it again (e.g. requests with one system prompt)."""
+        batch: list[tuple[Sequence, int]] = []
+        for seq in todo:
             if budget <= 0:
                 break
             P = len(seq.prompt_ids)
             if not seq.matched:  # take the best cached prefix now (an earlier sequence may have just made it)
-                seq.matched = True
                 best = max(range(self.slots.rows), key=lambda r: (self._usable(self.row_ids[r], seq.prompt_ids),
                                                                   r == seq.row))
                 n = self._usable(self.row_ids[best], seq.prompt_ids)
+                coming = max((self._usable(o.prompt_ids[:end], seq.prompt_ids) for o, end in batch), default=0)
+                if coming > n:
+                    continue
+                seq.matched = True
                 self.slots.copy_prefix(best, seq.row, n)
                 seq.prefilled = seq.cached_tokens = n
                 self.row_ids[seq.row] = seq.prompt_ids[:n]
-            logits = None
-            while budget > 0 and seq.prefilled < P:
-                end = min(P, (seq.prefilled // self.chunk + 1) * self.chunk)
-                logits = self.slots.prefill(seq.row, seq.prompt_ids[seq.prefilled:end], seq.prefilled)
-                budget -= end - seq.prefilled
-                seq.prefilled = end
-                self.row_ids[seq.row] = seq.prompt_ids[:end]
-            if seq.prefilled == P:
-                self._move(seq.row, self.decoding)
-                self.decoding += 1
-                self._emit([seq], logits[None])
+            end = min(P, (seq.prefilled // self.chunk + 1) * self.chunk)
+            batch.append((seq, end))
+            budget -= end - seq.prefilled
+        return batch, budget
+
+    def _prefill_together(self, batch: list[tuple[Sequence, int]]) -> None:
+        """Prefills one chunk of each sequence in one `prefill_rows` call. The rows must be consecutive:
+        they are moved to the rows after the decoding ones, the sequences whose prompt this chunk ends
+        first (they then join the decoding rows where they are), each group by chunk length (fewer passes)."""
+        batch = sorted(batch, key=lambda b: (b[1] < len(b[0].prompt_ids), b[1] - b[0].prefilled))
+        for i, (seq, _) in enumerate(batch):
+            self._move(seq.row, self.decoding + i)
+        logits = self.slots.prefill_rows(self.decoding, [(seq.prompt_ids[seq.prefilled:end], seq.prefilled)
+                                                         for seq, end in batch])
+        done = []
+        for seq, end in batch:
+            seq.prefilled = end
+            self.row_ids[seq.row] = seq.prompt_ids[:end]
+            if end == len(seq.prompt_ids):
+                done.append(seq)
+        self.decoding += len(done)
+        if done:
+            self._emit(done, logits[:len(done)])
 
     def _decode(self) -> None:
         seqs = self.rows[:self.decoding]
