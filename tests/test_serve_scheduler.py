@@ -234,6 +234,30 @@ def test_a_burst_is_prefilled_in_few_passes_with_solo_tokens(serve_engine, monke
     assert [s.cached_tokens for s in seqs[-3:]] == [0, CHUNK, CHUNK]
 
 
+def test_without_row_invariant_kernels_prompts_are_prefilled_one_per_pass(serve_engine, monkeypatch):
+    """Where the start-up probe finds that rows prefilled together get other numbers than alone, every
+    pass holds one prompt, and sequences still give their solo tokens."""
+    monkeypatch.setattr(SlotCache, "probe_batched_prefill", lambda self: False)
+    ps = prompts((5, 17, 40, 3), seed=41)
+    solo = []
+    for i, p in enumerate(ps):
+        s = make(i, p)
+        run_all(serve_engine, [s])
+        solo.append(s.tokens)
+    passes = []
+    real = SlotCache._prefill_pass
+    monkeypatch.setattr(SlotCache, "_prefill_pass", lambda self, first, chunks: passes.append(len(chunks))
+                        or real(self, first, chunks))
+    sched = Scheduler(serve_engine, [], max_concurrent=4, prefill_chunk=CHUNK)
+    assert not sched.slots.batched_prefill
+    seqs = [make(i, p) for i, p in enumerate(ps)]
+    sched.submit(seqs)
+    while sched.step():
+        pass
+    assert [s.tokens for s in seqs] == solo
+    assert passes == [1] * sum(-(-len(p) // CHUNK) for p in ps)
+
+
 def test_per_row_sampling_equals_one_row_sampling():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
     params = [SamplingParams(), SamplingParams(do_sample=True, temperature=0.7, top_k=10),
