@@ -46,7 +46,7 @@ MEASURE = textwrap.dedent("""
     # imports, oneDNN and the allocator warm up on a tiny model first: not the model's memory
     Engine(load_model("tiny", seed=0), None).generate_batch([[1, 2, 3]], 4)
     base = rss()
-    model = load_model(sys.argv[1])
+    model = load_model(sys.argv[1], dtype=sys.argv[3] if len(sys.argv) > 3 else None)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     if sys.argv[2] == "copy":  # the plain weights kept beside the packed ones (what compile=true does)
         pack_for_inference(model, in_place=False)
@@ -57,8 +57,9 @@ MEASURE = textwrap.dedent("""
 """)
 
 
-def measure(folder, mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(folder), mode], capture_output=True, text=True,
+def measure(folder, mode: str, dtype: str | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(folder), mode, *([dtype] if dtype else [])],
+                         capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -89,6 +90,47 @@ def test_generate_from_a_quantized_folder_holds_its_weights_once(mid_folder, tmp
     save_model(model, tmp_path / "int4")
     once = measure(tmp_path / "int4", "once")
     assert once["packed"] and once["ratio"] <= 1.15, once  # packed: q/k/v and gate/up fused (views, held once)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_generate_from_a_converted_folder_holds_its_weights_once(mid_folder, tmp_path):
+    """A bf16 folder run in fp32: the converted weights are ordinary memory (no file pages that come back on
+    their own), so a group packed whole would be resident twice for a moment (1.25x measured); packed in
+    pieces whose plain rows are given back at once, the peak stays near the weights + KV cache."""
+    save_model(load_model(mid_folder, dtype="bfloat16"), tmp_path / "bf16")
+    once = measure(tmp_path / "bf16", "once", "float32")
+    assert once["packed"] and once["ratio"] <= 1.15, once
+    plain = Engine(load_model(tmp_path / "bf16", dtype="float32"), None, pack=False)
+    assert [r.token_ids for r in plain.generate_batch([[5, 6, 7, 8], [9, 10, 11, 12]], 8)] == once["tokens"]
+
+
+def test_packing_in_pieces_gives_the_same_numbers_and_spares_weights_held_elsewhere(mid_folder, monkeypatch):
+    """Row pieces give bit-identical outputs to the whole matrix (each output is the same dot product),
+    unpack restores the exact weights, and a weight that something else still holds (a state_dict the
+    caller kept) keeps its values: only memory nobody else uses is given back while packing."""
+    import llamazoo.generation.packed as packed
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 3, 4, 5]])
+    whole = load_model(mid_folder)
+    ref = {k: v.clone() for k, v in whole.state_dict().items()}
+    monkeypatch.setattr(packed, "PIECE_BYTES", 1 << 40)
+    monkeypatch.setattr(packed, "MIN_PIECE_BYTES", 1 << 40)
+    assert pack_for_inference(whole) and len(whole.lm_head.packed.pieces) == 1
+    monkeypatch.setattr(packed, "PIECE_BYTES", 1 << 20)
+    monkeypatch.setattr(packed, "MIN_PIECE_BYTES", 1 << 20)
+    pieces = load_model(mid_folder)
+    kept = pieces.state_dict()  # the caller holds the weights: nothing may be discarded
+    assert pack_for_inference(pieces)
+    assert len(pieces.lm_head.packed.pieces) > 8 and len(pieces.model.layers[0].mlp.fused_gate_up.pieces) > 2
+    assert all(torch.equal(kept[k], ref[k]) for k in ref)
+    del kept
+    alone = load_model(mid_folder)
+    assert pack_for_inference(alone)  # sole owner: plain rows discarded as their pieces are packed
+    with torch.inference_mode():
+        for m in (pieces, alone):
+            assert torch.equal(m(ids), whole(ids))
+            assert torch.equal(m(ids[:1, -1:], ), whole(ids[:1, -1:]))
+    assert all(torch.equal(alone.state_dict()[k], ref[k]) for k in ref)
 
 
 def test_packed_in_place_holds_no_plain_copy_and_state_dict_unpacks(mid_folder):

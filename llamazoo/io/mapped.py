@@ -61,3 +61,22 @@ def release_pages(tensors: list[torch.Tensor]) -> int:
             released += b - a
     return released
 
+
+
+def discard_pages(t: torch.Tensor) -> int:
+    """Drops the resident whole pages of a CPU tensor's bytes, whatever memory they lie in; returns the bytes.
+    Unlike `release_pages` this is for a tensor the caller owns and will never read again (it is about to be
+    freed): its anonymous pages come back as zeros. Why: a large weight converted at load (not a file
+    mapping) can then be given back piece by piece while its packed copy is built, instead of all at the end."""
+    if sys.platform != "linux" or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    page = mmap.PAGESIZE
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    a, b = -(-lo // page) * page, hi // page * page
+    if b > a and libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED) == 0:
+        return b - a
+    return 0
