@@ -118,16 +118,27 @@ class PackedLinear:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Gives the members their plain weights back (from the packed tensors: exact), one group at a time."""
+        """Gives the members their plain weights back (from the packed tensors: exact). Piece by piece into
+        fresh tensors, each piece freed once copied: the new pages become resident as the old ones go."""
         if not self.in_place:
             return
-        dense = torch.cat([p.to_dense() for p in self.pieces]) if len(self.pieces) > 1 else self.pieces[0].to_dense()
+        plains = [torch.empty(m.weight.shape, dtype=m.weight.dtype, device=m.weight.device) for m in self.members]
+        at = 0  # the next row of the members' concatenation
+        for i in range(len(self.pieces)):
+            dense = self.pieces[i].to_dense()
+            self.pieces[i] = None
+            first = 0  # member j holds rows [first, first + its rows) of the concatenation
+            for plain in plains:
+                lo, hi = max(at, first), min(at + dense.shape[0], first + plain.shape[0])
+                if lo < hi:
+                    plain[lo - first:hi - first] = dense[lo - at:hi - at]
+                first += plain.shape[0]
+            at += dense.shape[0]
+            del dense
+            release_pages([])  # hands the freed piece back to the system (malloc_trim)
+        for m, plain in zip(self.members, plains):
+            m.weight.data = plain
         self.pieces = []
-        start = 0
-        for m in self.members:
-            n = m.out_features
-            m.weight.data = dense if len(self.members) == 1 else dense[start:start + n].clone()
-            start += n
         self.in_place = False
 
 
@@ -136,7 +147,9 @@ def _sole_owner(t: torch.Tensor) -> bool:
     count = getattr(torch._C, "_storage_Use_Count", None)
     if count is None or t.device.type != "cpu":
         return False
-    return count(t.untyped_storage()._cdata) <= count(torch.empty(1).untyped_storage()._cdata)
+    fresh = torch.empty(1)
+    mine, theirs = t.untyped_storage(), fresh.untyped_storage()  # both held while counted: one use each
+    return count(mine._cdata) <= count(theirs._cdata)
 
 
 def _cat_bias(mods: Sequence[nn.Linear]) -> torch.Tensor | None:
