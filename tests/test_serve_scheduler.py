@@ -208,27 +208,34 @@ def test_prefill_rows_equal_each_row_alone(serve_engine):
         slots.prefill_rows(0, [(ps[0], 0), ([], 3)])
 
 
-def test_a_burst_is_prefilled_in_few_passes_with_solo_tokens(serve_engine, monkeypatch):
-    """Sequences arriving together are prefilled in shared passes (not one pass each), sequences sharing a
-    whole-chunk prefix reuse it from the first one's row, and every sequence gives its solo tokens."""
-    system = prompts((CHUNK,), seed=30)[0]
-    ps = prompts(LENGTHS, seed=31) + [system + q for q in prompts((4, 9, 2), seed=32)]
+def burst(engine, ps, monkeypatch):
+    """Each prompt's solo tokens, then all prompts submitted at once: (their tokens, their sequences, the
+    number of prompts in each prefill pass of the burst, the scheduler)."""
     solo = []
     for i, p in enumerate(ps):
         s = make(i, p)
-        run_all(serve_engine, [s])
+        run_all(engine, [s])
         solo.append(s.tokens)
     passes = []
     real = SlotCache._prefill_pass
     monkeypatch.setattr(SlotCache, "_prefill_pass", lambda self, first, chunks: passes.append(len(chunks))
                         or real(self, first, chunks))
-    sched = Scheduler(serve_engine, [], max_concurrent=len(ps), prefill_chunk=CHUNK)
+    sched = Scheduler(engine, [], max_concurrent=len(ps), prefill_chunk=CHUNK)
     passes.clear()  # the start-up probes'
     seqs = [make(i, p) for i, p in enumerate(ps)]
     sched.submit(seqs)
     while sched.step():
         pass
     assert [s.tokens for s in seqs] == solo
+    return seqs, passes, sched
+
+
+def test_a_burst_is_prefilled_in_few_passes_with_solo_tokens(serve_engine, monkeypatch):
+    """Sequences arriving together are prefilled in shared passes (not one pass each), sequences sharing a
+    whole-chunk prefix reuse it from the first one's row, and every sequence gives its solo tokens."""
+    system = prompts((CHUNK,), seed=30)[0]
+    ps = prompts(LENGTHS, seed=31) + [system + q for q in prompts((4, 9, 2), seed=32)]
+    seqs, passes, _ = burst(serve_engine, ps, monkeypatch)
     chunks = sum(-(-len(p) // CHUNK) for p in ps) - 2  # two of the three share the system prompt's chunk
     assert sum(passes) == chunks and len(passes) <= chunks // 2, passes
     assert [s.cached_tokens for s in seqs[-3:]] == [0, CHUNK, CHUNK]
@@ -239,22 +246,8 @@ def test_without_row_invariant_kernels_prompts_are_prefilled_one_per_pass(serve_
     pass holds one prompt, and sequences still give their solo tokens."""
     monkeypatch.setattr(SlotCache, "probe_batched_prefill", lambda self: False)
     ps = prompts((5, 17, 40, 3), seed=41)
-    solo = []
-    for i, p in enumerate(ps):
-        s = make(i, p)
-        run_all(serve_engine, [s])
-        solo.append(s.tokens)
-    passes = []
-    real = SlotCache._prefill_pass
-    monkeypatch.setattr(SlotCache, "_prefill_pass", lambda self, first, chunks: passes.append(len(chunks))
-                        or real(self, first, chunks))
-    sched = Scheduler(serve_engine, [], max_concurrent=4, prefill_chunk=CHUNK)
+    _, passes, sched = burst(serve_engine, ps, monkeypatch)
     assert not sched.slots.batched_prefill
-    seqs = [make(i, p) for i, p in enumerate(ps)]
-    sched.submit(seqs)
-    while sched.step():
-        pass
-    assert [s.tokens for s in seqs] == solo
     assert passes == [1] * sum(-(-len(p) // CHUNK) for p in ps)
 
 
