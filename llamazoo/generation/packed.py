@@ -8,8 +8,8 @@ multiply per-call overhead. bf16 results are bit-identical to `F.linear`; fp32 r
 summation order (~1e-6 relative).
 
 Weights are held once (in_place=True, the default): each group's packed tensor is built from the plain
-weights, then the plain ones are released (a large group in pieces, see PIECE_BYTES); the parameters keep their names, shapes, dtype and device but
-hold no memory (a zero-stride placeholder). `unpack` rebuilds the plain weights from the packed ones
+weights, then the plain ones are released (a large group in pieces, see PIECE_BYTES); the parameters keep
+their names, shapes, dtype and device but hold no memory (a zero-stride placeholder). `unpack` rebuilds the plain weights from the packed ones
 (oneDNN's reorder back to plain, exact), and `state_dict()` of a packed model unpacks it first, so saving
 and training see the real weights. A tied lm_head (= the embedding, which lookups need plain) stays plain.
 in_place=False keeps the plain weights beside the packed ones (twice the memory), for the compiled decode
@@ -21,13 +21,12 @@ Packing sets the `packed` attribute of linear layers and the `fused_qkv` / `fuse
 """
 from __future__ import annotations
 
-import gc
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from llamazoo.io.mapped import discard_pages, release_pages
+from llamazoo.io.mapped import discard_pages, release_pages, trim_heap
 from llamazoo.model.quantize import FusedWeightOnly, WeightOnlyLinear, fuse_quantized
 
 PACKABLE = (torch.float32, torch.bfloat16)
@@ -135,7 +134,7 @@ class PackedLinear:
                 first += plain.shape[0]
             at += dense.shape[0]
             del dense
-            release_pages([])  # hands the freed piece back to the system (malloc_trim)
+            trim_heap()  # the freed piece goes back to the system even if it lay in the heap
         for m, plain in zip(self.members, plains):
             m.weight.data = plain
         self.pieces = []
@@ -236,8 +235,6 @@ def pack_for_inference(model: nn.Module, in_place: bool = True, batch_hint: int 
     # largest first: while a group is packed its plain and packed bytes are both resident, and packing the
     # big ones (the LM head) before the rest is resident keeps the peak near the weights' size
     piece = piece_bytes(model)
-    if in_place:
-        gc.collect()  # a reference cycle not yet collected (load-time temporaries) would make weights look shared
     for owner, attr, group in sorted(_groups(model), key=lambda g: -sum(m.weight.numel() for m in g[2])):
         setattr(owner, attr, PackedLinear(group, in_place, batch_hint, piece))
     head = model.lm_head

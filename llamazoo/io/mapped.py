@@ -34,6 +34,30 @@ def _file_mappings() -> list[tuple[int, int]]:
     return out
 
 
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _drop_pages(libc, t: torch.Tensor) -> int:
+    """madvise(MADV_DONTNEED) on the whole pages of t's bytes (neighbours share the edge pages)."""
+    page = mmap.PAGESIZE
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    a, b = -(-lo // page) * page, hi // page * page
+    if b > a and libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED) == 0:
+        return b - a
+    return 0
+
+
+def trim_heap() -> None:
+    """Hands the heap's free memory back to the system (glibc's malloc_trim)."""
+    libc = _libc() if sys.platform == "linux" else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def release_pages(tensors: list[torch.Tensor]) -> int:
     """Drops the resident whole pages of each tensor's bytes that lie in a private file mapping and trims
     the heap; returns the mapped bytes released (0 off Linux or for tensors in ordinary memory). Call when
@@ -41,26 +65,22 @@ def release_pages(tensors: list[torch.Tensor]) -> int:
     again)."""
     if sys.platform != "linux":
         return 0
+    libc = _libc()
     try:
         maps = _file_mappings()
-        libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return 0
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-    page = mmap.PAGESIZE
+    if libc is None:
+        return 0
+    trim_heap()
     released = 0
     for t in tensors:
         if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
             continue
         lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        if not any(s <= lo and hi <= e for s, e in maps):
-            continue
-        a, b = -(-lo // page) * page, hi // page * page  # whole pages only: neighbours share the edges
-        if b > a and libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED) == 0:
-            released += b - a
+        if any(s <= lo and hi <= e for s, e in maps):
+            released += _drop_pages(libc, t)
     return released
-
 
 
 def discard_pages(t: torch.Tensor) -> int:
@@ -70,13 +90,5 @@ def discard_pages(t: torch.Tensor) -> int:
     mapping) can then be given back piece by piece while its packed copy is built, instead of all at the end."""
     if sys.platform != "linux" or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
         return 0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return 0
-    page = mmap.PAGESIZE
-    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    a, b = -(-lo // page) * page, hi // page * page
-    if b > a and libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED) == 0:
-        return b - a
-    return 0
+    libc = _libc()
+    return 0 if libc is None else _drop_pages(libc, t)

@@ -157,8 +157,8 @@ def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     Eager: `lin.packed` when set (llamazoo.generation.packed: a prepacked oneDNN weight; not a module, so
     names and state_dict are unchanged); else, for bf16 prompts on a CPU without bf16 GEMM kernels, an fp32
     GEMM over upcast weight slices (`bf16_linear_in_fp32`, see UPCAST_MIN_TOKENS). Under torch.compile, one
-    row on CPU (batch-1 decode) is a multiply-reduce: inductor fuses it into one pass over the weight at close to memory bandwidth, ~1.5x
-    the extern matrix-vector call `F.linear` becomes. Both accumulate in fp32, like the GEMMs.
+    row on CPU (batch-1 decode) is a multiply-reduce: inductor fuses it into one pass over the weight at
+    close to memory bandwidth, ~1.5x the extern matrix-vector call `F.linear` becomes. Both accumulate in fp32, like the GEMMs.
     Any other module (a LoRA layer, a quantized linear: llamazoo.model.lora) is simply called, so that
     no fast path can drop what it adds to its weight.
     """
