@@ -220,3 +220,44 @@ def test_a_single_prompt_string_is_accepted():
 
     cfg = load_config(GenerateConfig, None, ["generation.prompts=Hello there", "generation.stop=END"])
     assert cfg.generation.prompts == ["Hello there"] and cfg.generation.stop == ["END"]
+
+
+def test_threads_follow_the_cpus_use_now_not_the_load_average(monkeypatch):
+    """A run started right after another one (whose work still fills the 1-minute load average) gets
+    every core; cores that other work keeps busy now are left to it."""
+    import os
+
+    import torch
+
+    from llamazoo.generation import app
+
+    cores = torch.get_num_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), float(cores), float(cores)))
+    ticks = iter([{0: (100, 1000), 1: (500, 1000)}, {0: (100, 1010), 1: (500, 1010)}])  # both idle
+    monkeypatch.setattr(app, "cpu_times", lambda: next(ticks))
+    assert app.pick_threads(None) == cores
+    ticks = iter([{0: (100, 1000), 1: (500, 1000)}, {0: (110, 1010), 1: (502, 1010)}])  # one busy, one 20%
+    assert app.busy_cores(0.0) == pytest.approx(1.2)
+    monkeypatch.setattr(app, "busy_cores", lambda: 1.2)
+    assert app.pick_threads(None) == max(1, cores - 1)
+    assert app.pick_threads(3) == 3
+    monkeypatch.setattr(app, "busy_cores", lambda: None)  # no /proc/stat: the load average it is
+    assert app.pick_threads(None) == 1
+
+
+def test_busy_cores_sees_a_process_spinning_now(tmp_path):
+    import subprocess
+    import sys
+
+    from llamazoo.generation.app import busy_cores, cpu_times
+
+    assert cpu_times(str(tmp_path / "missing")) is None
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() < t + 30: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)  # started and spinning
+        assert busy_cores(0.3) >= 0.7
+    finally:
+        spinner.kill()
+        spinner.wait()
