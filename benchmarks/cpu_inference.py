@@ -105,15 +105,25 @@ def child(spec: dict) -> dict:
         out["packed"] = engine.packed
 
         def for_batch(batch):
-            """The layout `llamazoo generate` packs for this batch size (see generation.packed)."""
+            """The engine `llamazoo generate` builds for this batch size and run length: the decode step
+            generation.compile chooses (auto: see llamazoo.generation.engine.auto_compile) and the layout
+            it packs for (see generation.packed)."""
             nonlocal engine
+            from llamazoo.generation.app import choose_compile
             from llamazoo.generation.packed import BATCHED_HINT, unpack
 
+            compiled, _ = choose_compile(spec["compile"], model, batch, spec["new_tokens"])
+            if compiled:
+                if not engine.compile:
+                    engine = Engine(model, None, compile=True, pack=False)  # auto: weights held once
+                    engine.warmup(batch, spec["prompt"], spec["new_tokens"])
+                return "compiled"
             hint = 1 if batch == 1 else BATCHED_HINT
-            if engine.packed and getattr(engine, "hint", 1) != hint:
+            if engine.compile or (engine.packed and getattr(engine, "hint", 1) != hint):
                 unpack(model)
                 engine = Engine(model, None, pack_batch_hint=hint)
                 engine.hint = hint
+            return "eager"
 
         def run(ids, new):
             rows = engine.generate_batch(ids, new, eos_ids=())
@@ -134,7 +144,7 @@ def child(spec: dict) -> dict:
         out["weights"] = sum(p.numel() * p.element_size() for p in model.parameters())
 
         def for_batch(batch):
-            pass
+            return ""
 
         def run(ids, new):
             x = torch.tensor(ids)
@@ -149,13 +159,13 @@ def child(spec: dict) -> dict:
             return (2 * c.num_hidden_layers * batch * c.num_key_value_heads * head_dim
                     * (spec["prompt"] + spec["new_tokens"]) * torch.finfo(model.dtype).bits // 8)
     for batch in spec["batches"]:
-        for_batch(batch)
+        step = for_batch(batch)
         ids = prompts(batch, spec["prompt"], spec["vocab"])
         run(ids, 4)  # warm-up: caches, oneDNN primitives
         repeats = spec["repeats"] if batch == 1 else 1
         pre = best_time(lambda: run(ids, 1), repeats)
         full = best_time(lambda: run(ids, spec["new_tokens"]), repeats)
-        out["rows"].append({"batch": batch, "prefill_tps": batch * spec["prompt"] / pre,
+        out["rows"].append({"batch": batch, "step": step, "prefill_tps": batch * spec["prompt"] / pre,
                             "decode_tps": batch * (spec["new_tokens"] - 1) / max(full - pre, 1e-9),
                             "peak": rss_peak(), "model_peak": rss_peak() - base, "kv": kv_bytes(batch)})
     if spec.get("ppl_ids") and spec["impl"] == "llamazoo":
@@ -292,7 +302,8 @@ def table_row(model: str, precision: str, impl: str, r: dict, row: dict, runs: d
     need = r.get("weights", 0) + row.get("kv", 0)
     own = row.get("model_peak")
     ppl = r.get("ppl")
-    cells = [model, precision, impl, row["batch"], f"{row['prefill_tps']:.1f}", f"{row['decode_tps']:.2f}", vs,
+    label = f"{impl} ({row['step']})" if row.get("step") else impl
+    cells = [model, precision, label, row["batch"], f"{row['prefill_tps']:.1f}", f"{row['decode_tps']:.2f}", vs,
              gb(row["peak"]), gb(own) if own is not None else "", gb(need) if need else "",
              f"{own / need:.2f}" if own is not None and need else "", f"{ppl:.3f}" if ppl else "",
              f"{ppl / ppl_bf16[impl]:.4f}" if ppl and ppl_bf16.get(impl) else ""]
@@ -311,6 +322,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=32, help="int4 group size")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs at batch 1 (best kept)")
+    ap.add_argument("--compile", choices=("auto", "false"), default="auto",
+                    help="llamazoo's decode step: as `llamazoo generate` chooses by default for a run of "
+                         "--new-tokens tokens (auto compiles batch 1 from 256 tokens where it pays), or eager")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamazoo-bench" / "cpu_inference"))
@@ -341,7 +355,8 @@ def main() -> None:
         for precision in args.precisions.split(","):
             folder, dtype = dirs[precision]
             spec = dict(folder=str(folder), dtype=dtype, batches=batches, prompt=args.prompt, vocab=vocab,
-                        new_tokens=args.new_tokens, threads=args.threads, repeats=args.repeats, ppl_ids=ppl_ids)
+                        new_tokens=args.new_tokens, threads=args.threads, repeats=args.repeats, ppl_ids=ppl_ids,
+                        compile=args.compile)
             runs = {"llamazoo": run_child({**spec, "impl": "llamazoo"})}
             if precision in ("fp32", "bf16") and not args.no_transformers:
                 runs["transformers"] = run_child({**spec, "impl": "transformers"})

@@ -257,8 +257,9 @@ class GenerationSection(Section):
     output_dir: str | None = "generate_output"
     output_format: Literal["text", "jsonl"] = "text"
     stream: bool = True
-    compile: bool = Field(False, description="torch.compile the batch-1 decode step (CPU: ~2.5-3.5x eager "
-                          "decode; seconds to compile, cached on disk)")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the batch-1 decode step (seconds "
+                                            "to compile, cached on disk); auto: where measured to pay (small "
+                                            "layers or unpacked bf16, 256+ tokens to decode, a C++ compiler)")
     threads: int | None = Field(None, ge=1, description="CPU threads; None: the cores other jobs leave idle")
 
     @field_validator("prompts", "stop", mode="before")

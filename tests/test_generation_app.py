@@ -68,6 +68,41 @@ def test_compile_true_gives_eager_tokens_and_reports_which_decode_step_ran(tiny_
     assert "decode_step: compiled at batch 1, else eager" in runs["generation.compile=true generation.batch_size=2"][1]
 
 
+def test_compile_auto_compiles_long_batch_1_runs_only_and_gives_eager_tokens(tiny_folder, tmp_path, capsys,
+                                                                             monkeypatch):
+    """generation.compile=auto (the default): eager for short runs and batches; a long batch-1 run (the
+    threshold lowered here, the tiny model has 128 positions) compiles, with the weights held once, and
+    gives the tokens of compile=false."""
+    import llamazoo.generation.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "AUTO_COMPILE_MIN_TOKENS", 24)
+    packed = []
+    real_engine = engine_module.Engine
+
+    def engine_spy(*args, **kwargs):
+        e = real_engine(*args, **kwargs)
+        packed.append(e.packed)
+        return e
+
+    monkeypatch.setattr("llamazoo.generation.app.Engine", engine_spy)
+    common = [f"checkpoint.model_name_or_path={tiny_folder}", f"generation.output_dir={tmp_path / 'o'}",
+              "generation.output_format=jsonl", 'generation.prompts=["Hello there", "x"]']
+    runs = {}
+    for extra in (["generation.max_new_tokens=12"], ["generation.max_new_tokens=12", "generation.compile=false"],
+                  ["generation.max_new_tokens=12", "generation.batch_size=2"]):
+        code, out, err = run_cli(["generate", *common, *extra], capsys)
+        assert code == 0, err
+        runs[" ".join(extra)] = ([json.loads(line)["token_ids"] for line in out.splitlines()], err)
+    auto, off, batched = runs.values()
+    assert "compile: auto: compiled (batch 1, 24 tokens to decode)" in auto[1] and "decode_step: compiled" in auto[1]
+    assert "compile: false" in off[1] and "decode_step: eager" in off[1]
+    assert "compile: auto: eager (batch > 1" in batched[1]
+    assert auto[0] == off[0] == batched[0]
+    assert packed == [False, True, True]  # compiled by auto: no packed copies beside the plain weights
+    code, out, err = run_cli(["generate", *common, "generation.max_new_tokens=11"], capsys)
+    assert "compile: auto: eager (22 tokens to decode, under 24: a compile would not pay)" in err
+
+
 def test_jsonl_batches_match_single_runs(tiny_folder, tmp_path, capsys):
     prompts = ["Hello there", "A much longer prompt about llamas and alpacas", "x"]
     common = [f"checkpoint.model_name_or_path={tiny_folder}", "generation.max_new_tokens=12",

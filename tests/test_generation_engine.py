@@ -245,7 +245,7 @@ def test_compile_without_a_working_cxx_compiler_is_one_clear_error(tmp_path):
     try:
         with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",), "force_disable_caches": True}):
             engine = Engine(load_model(tmp_path), tokenizer=None, compile=True)
-            with pytest.raises(RuntimeError, match=r"generation.compile=true: torch.compile could not build "
+            with pytest.raises(RuntimeError, match=r"generation.compile: torch.compile could not build "
                                                    r"the decode step .*C\+\+ compiler.*generation.compile=false"):
                 engine.generate_batch([[5, 6, 7]], 4)
     finally:
@@ -333,3 +333,27 @@ def test_a_plain_fp32_head_takes_the_weight_first_product_for_several_rows(tmp_p
     prompts = random_prompts([5, 9], 256, seed=3)
     batched = [r.token_ids for r in eng.generate_batch(prompts, 8)]
     assert batched == [eng.generate_batch([p], 8)[0].token_ids for p in prompts]
+
+
+def test_auto_compile_decides_by_batch_tokens_layer_size_dtype_and_compiler(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    import llamazoo.generation.engine as engine_module
+    from llamazoo.generation.engine import auto_compile
+    from llamazoo.model.quantize import quantize_model
+
+    hf_tiny_model().save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    assert auto_compile(model, 1, 300) == (True, "batch 1, 300 tokens to decode")
+    assert auto_compile(model, 1, 255) == (False, "255 tokens to decode, under 256: a compile would not pay")
+    assert auto_compile(model, 2, 10_000) == (False, "batch > 1: the packed GEMMs of the eager step are faster")
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)}):
+        assert auto_compile(model, 1, 10_000) == (False, "no C++ compiler found (torch.compile needs one on CPU)")
+    monkeypatch.setattr(engine_module, "AUTO_COMPILE_MAX_LAYER_BYTES", 1024)  # these layers count as large now
+    on, why = auto_compile(model, 1, 10_000)
+    assert not on and why.endswith("MB per layer: the packed kernels already read them at memory speed")
+    # bf16 that oneDNN cannot pack (no bf16 GEMM kernels) compiles whatever the layer size
+    bf16 = load_model(tmp_path, dtype=torch.bfloat16)
+    assert auto_compile(bf16, 1, 10_000)[0] == (not torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    quantize_model(model, "int8")
+    assert auto_compile(model, 1, 10_000) == (False, "quantized or adapter layers: not measured")

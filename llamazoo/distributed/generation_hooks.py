@@ -29,7 +29,7 @@ def parallel_generation(cfg) -> Iterator[dict[str, Any]]:
     if world != tp:
         raise ValueError(f"generate runs one tensor-parallel model: set parallel.tensor_parallel={world} "
                          f"(the number of processes) instead of {tp}")
-    if cfg.generation.compile:
+    if cfg.generation.compile is True:
         raise ValueError("generation.compile=true is not supported with parallel.tensor_parallel > 1")
     ctx = init_parallel(tp, cfg.model.torch_device())
 

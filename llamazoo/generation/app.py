@@ -16,7 +16,7 @@ import torch
 
 from llamazoo.config import GenerateConfig, GenerationSection
 from llamazoo.generation.chat import encode_chat
-from llamazoo.generation.engine import Engine, RowResult
+from llamazoo.generation.engine import Engine, RowResult, auto_compile
 from llamazoo.generation.packed import BATCHED_HINT
 from llamazoo.generation.report import Report, row_metrics
 from llamazoo.generation.sampling import SamplingParams
@@ -195,6 +195,15 @@ def sampling_params(gen: GenerationSection) -> SamplingParams:
                           top_p=gen.top_p, min_p=gen.min_p, repetition_penalty=gen.repetition_penalty)
 
 
+def choose_compile(setting: bool | str, model, batch: int, decode_tokens: int) -> tuple[bool, bool | str]:
+    """(compile or not, what the report says): generation.compile as set, or auto's choice and reason.
+    Auto compiles with the weights held once (no packed copies; see `auto_compile`)."""
+    if setting != "auto":
+        return bool(setting), bool(setting)
+    on, why = auto_compile(model, batch, decode_tokens)
+    return on, f"auto: {'compiled' if on else 'eager'} ({why})"
+
+
 def decode_step_kind(engine: Engine, n_prompts: int, batch_size: int) -> str:
     compiled = {engine.uses_compiled_step(min(batch_size, n_prompts - i)) for i in range(0, n_prompts, batch_size)}
     return "compiled" if compiled == {True} else "eager" if compiled == {False} else "compiled at batch 1, else eager"
@@ -212,10 +221,13 @@ def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO |
     prompt_ids = encode_prompts(gen, tok, max_seq_length)
     eos = gen.eos_token_ids if gen.eos_token_ids is not None else default_eos_ids(model, tok, loaded.folder)
     params = sampling_params(gen)
-    hint = 1 if min(gen.batch_size, len(prompt_ids)) == 1 else BATCHED_HINT
-    engine = Engine(model, tok, compile=gen.compile, max_seq_length=max_seq_length, pack_batch_hint=hint)
+    batch = min(gen.batch_size, len(prompt_ids))
+    hint = 1 if batch == 1 else BATCHED_HINT
+    compile_on, compile_why = choose_compile(gen.compile, model, batch, len(prompt_ids) * gen.max_new_tokens)
+    engine = Engine(model, tok, compile=compile_on, max_seq_length=max_seq_length, pack_batch_hint=hint,
+                    pack=not (gen.compile == "auto" and compile_on))
     compile_s = None
-    if gen.compile and engine.uses_compiled_step(min(gen.batch_size, len(prompt_ids))):
+    if compile_on and engine.uses_compiled_step(batch):
         first = prompt_ids[:gen.batch_size]
         compile_s = engine.warmup(len(first), max(len(p) for p in first), gen.max_new_tokens)
 
@@ -256,7 +268,7 @@ def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO |
         "batch_size": gen.batch_size,
         "max_new_tokens": gen.max_new_tokens,
         "decoding": "sampling" if gen.do_sample else "greedy",
-        "compile": gen.compile,
+        "compile": compile_why,
         # compile=true on CPU compiles batch-1 decode only (at batch > 1 the eager step is faster)
         "decode_step": decode_step_kind(engine, len(prompt_ids), gen.batch_size),
         "load_s": round(loaded.load_s, 3),
@@ -299,6 +311,12 @@ def run_chat(cfg: GenerateConfig, stdin: TextIO | None = None, out: TextIO | Non
     max_seq_length = cfg.model.max_seq_length or model.config.max_position_embeddings
     max_new = min(max_new, max_seq_length // 2)
     eos = gen.eos_token_ids if gen.eos_token_ids is not None else default_eos_ids(model, tok, loaded.folder)
-    engine = Engine(model, tok, compile=gen.compile, max_seq_length=max_seq_length)
+    compile_on, compile_why = choose_compile(gen.compile, model, 1, max_new)
+    if gen.compile == "auto" and compile_on:
+        print(f"llamazoo chat: generation.compile=auto compiles the decode step (answers of up to {max_new} "
+              f"tokens); the first answer waits for it (~2-10 s, cached on disk; generation.compile=false "
+              f"skips it)", file=sys.stderr)
+    engine = Engine(model, tok, compile=compile_on, max_seq_length=max_seq_length,
+                    pack=not (gen.compile == "auto" and compile_on))
     session = ChatSession(engine, sampling_params(gen), max_new, eos, gen.stop, gen.system, gen.seed)
     chat_loop(session, stdin, out, interactive=stdin.isatty())

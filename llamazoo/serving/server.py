@@ -39,7 +39,7 @@ def build_state(cfg, model_loader: Callable[..., Any] | None = None, slot_cache:
     from llamazoo.serving.scheduler import Scheduler
 
     gen = cfg.generation
-    if gen.compile:
+    if gen.compile is True:
         log.warning("generation.compile is not used by serve (it compiles batch-1 decode; serve decodes batches)")
     loaded = load(cfg, model_loader)
     model, tok = loaded.model, loaded.tokenizer
