@@ -2,6 +2,8 @@
 stops, EOS ids and streaming detokenization end and print at the right token."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -236,7 +238,7 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     assert len(layer_calls) == 3 * 11 * 2
 
 
-def test_compile_without_a_working_cxx_compiler_is_one_clear_error(tmp_path):
+def test_compile_without_a_working_cxx_compiler_is_one_clear_error(tmp_path, caplog):
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
@@ -248,6 +250,15 @@ def test_compile_without_a_working_cxx_compiler_is_one_clear_error(tmp_path):
             with pytest.raises(RuntimeError, match=r"generation.compile: torch.compile could not build "
                                                    r"the decode step .*C\+\+ compiler.*generation.compile=false"):
                 engine.generate_batch([[5, 6, 7]], 4)
+            # generation.compile=auto: the run goes on eagerly, with one warning
+            torch._dynamo.reset()
+            eager = Engine(load_model(tmp_path), tokenizer=None).generate_batch([[5, 6, 7]], 6)[0].token_ids
+            fallback = Engine(load_model(tmp_path), tokenizer=None, compile=True, compile_fallback=True)
+            with caplog.at_level(logging.WARNING, logger="llamazoo.generate"):
+                assert fallback.generate_batch([[5, 6, 7]], 6)[0].token_ids == eager
+            assert not fallback.compile and not fallback.uses_compiled_step(1)
+            assert [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "llamazoo.generate"] == [
+                "generation.compile=auto: torch.compile could not build the decode step"]
     finally:
         torch._dynamo.reset()
 

@@ -224,8 +224,9 @@ def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO |
     batch = min(gen.batch_size, len(prompt_ids))
     hint = 1 if batch == 1 else BATCHED_HINT
     compile_on, compile_why = choose_compile(gen.compile, model, batch, len(prompt_ids) * gen.max_new_tokens)
+    auto = gen.compile == "auto"
     engine = Engine(model, tok, compile=compile_on, max_seq_length=max_seq_length, pack_batch_hint=hint,
-                    pack=not (gen.compile == "auto" and compile_on))
+                    pack=not (auto and compile_on), compile_fallback=auto)
     compile_s = None
     if compile_on and engine.uses_compiled_step(batch):
         first = prompt_ids[:gen.batch_size]
@@ -259,6 +260,8 @@ def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO |
     rows = engine.generate(prompt_ids, gen.max_new_tokens, gen.batch_size, params, eos, gen.stop, gen.seed,
                            on_text=on_text if stream else None, on_row_done=on_row_done,
                            on_row_start=on_row_start)
+    if compile_on and not engine.compile:  # generation.compile=auto and the compile failed (a warning said why)
+        compile_why = f"{compile_why}; the compile failed, decoded eagerly"
     header = {
         "model": cfg.checkpoint.model_name_or_path or "default (SmolLM2-135M-Instruct)",
         **({"adapter": f"{cfg.checkpoint.adapter} (merged)"} if cfg.checkpoint.adapter else {}),
@@ -311,12 +314,12 @@ def run_chat(cfg: GenerateConfig, stdin: TextIO | None = None, out: TextIO | Non
     max_seq_length = cfg.model.max_seq_length or model.config.max_position_embeddings
     max_new = min(max_new, max_seq_length // 2)
     eos = gen.eos_token_ids if gen.eos_token_ids is not None else default_eos_ids(model, tok, loaded.folder)
-    compile_on, compile_why = choose_compile(gen.compile, model, 1, max_new)
+    compile_on, _ = choose_compile(gen.compile, model, 1, max_new)
     if gen.compile == "auto" and compile_on:
         print(f"llamazoo chat: generation.compile=auto compiles the decode step (answers of up to {max_new} "
               f"tokens); the first answer waits for it (~2-10 s, cached on disk; generation.compile=false "
               f"skips it)", file=sys.stderr)
     engine = Engine(model, tok, compile=compile_on, max_seq_length=max_seq_length,
-                    pack=not (gen.compile == "auto" and compile_on))
+                    pack=not (gen.compile == "auto" and compile_on), compile_fallback=gen.compile == "auto")
     session = ChatSession(engine, sampling_params(gen), max_new, eos, gen.stop, gen.system, gen.seed)
     chat_loop(session, stdin, out, interactive=stdin.isatty())

@@ -7,6 +7,7 @@ shape is static) but their tokens are discarded. Logits are fp32 before any proc
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -17,6 +18,8 @@ from torch import nn
 from llamazoo.generation.packed import pack_for_inference, unpack
 from llamazoo.generation.sampling import SamplingParams, choose_tokens
 from llamazoo.model.llama import UPCAST_MIN_TOKENS, attention_width, fp32_linear_weight_first, linear
+
+log = logging.getLogger("llamazoo.generate")
 
 # tokens of context kept before the new ones when detokenizing, so SentencePiece's leading space and
 # byte-fallback sequences decode as they would in the whole text
@@ -172,12 +175,14 @@ class Engine:
     (all layers share one graph, so a compile takes seconds, not minutes, and inductor's on-disk cache
     serves the next process) plus the LM head. Prefill stays eager. The compiled step sees the whole
     cache (full-width masks); cache lengths are rounded up to a multiple of `cache_multiple`, and a
-    second length makes dynamo compile a length-generic graph.
+    second length makes dynamo compile a length-generic graph. compile_fallback=True (what
+    generation.compile=auto asks for): a compile that fails warns once and the run goes on eager, rather
+    than failing a run whose user never asked for a compile.
     """
 
     def __init__(self, model, tokenizer, compile: bool = False, cache_multiple: int = 64,
                  max_seq_length: int | None = None, pack: bool = True, pack_batch_hint: int = 1,
-                 pack_tied_head: bool = False):
+                 pack_tied_head: bool = False, compile_fallback: bool = False):
         self.model = model
         # CPU: fused, prepacked projections (see packed.py); False where it does not apply
         self.packed = pack and pack_for_inference(model, in_place=not compile, batch_hint=pack_batch_hint,
@@ -187,6 +192,7 @@ class Engine:
         self.tok = tokenizer
         self.device = model.lm_head.weight.device
         self.compile = compile
+        self.compile_fallback = compile_fallback
         self.cache_multiple = cache_multiple
         self.max_seq_length = max_seq_length or model.config.max_position_embeddings
         self._cache_shape: tuple[int, int] | None = None
@@ -220,14 +226,22 @@ class Engine:
         return self._logits(h)
 
     def _compiled_step(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache_pos: torch.Tensor):
+        if not self.compile:  # the compile failed earlier in this batch (compile_fallback)
+            return self._eager_step(ids, pos, mask, cache_pos)
         try:
             h = self.model(ids, position_ids=pos, attention_mask=mask, cache_pos=cache_pos, return_hidden=True,
                            run_layer=self._compiled_layer)
             return self._compiled_logits(h)
         except Exception as e:  # inductor needs a working C++ compiler on CPU; say so in one line
             if type(e).__module__.startswith("torch._inductor") or "CppCompileError" in type(e).__name__:
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                if self.compile_fallback:
+                    log.warning("generation.compile=auto: torch.compile could not build the decode step (%s: %s); "
+                                "decoding eagerly", type(e).__name__, first)
+                    self.compile = False
+                    return self._eager_step(ids, pos, mask, cache_pos)
                 raise RuntimeError(f"generation.compile: torch.compile could not build the decode step "
-                                   f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); it needs a "
+                                   f"({type(e).__name__}: {first}); it needs a "
                                    f"C++ compiler on CPU. Run with generation.compile=false.") from e
             raise
 
