@@ -308,6 +308,8 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     probs = torch.where(mask, scores, float("-inf")).softmax(-1).to(v.dtype)
     if torch.compiler.is_compiling():
         y = (probs.float()[..., None] * v.float()[:, :, None]).sum(-2).to(v.dtype)
+    elif _slow_bf16_gemm(v):  # the fp32 product of the same bf16 values, rounded once (as the bf16 bmm)
+        y = torch.matmul(probs.float(), v.float()).to(v.dtype)
     else:
         y = torch.matmul(probs, v)
     return y.reshape(B, H, T, D)
