@@ -368,3 +368,13 @@ def test_auto_compile_decides_by_batch_tokens_layer_size_dtype_and_compiler(tmp_
     assert auto_compile(bf16, 1, 10_000)[0] == (not torch.ops.mkldnn._is_mkldnn_bf16_supported())
     quantize_model(model, "int8")
     assert auto_compile(model, 1, 10_000) == (False, "quantized or adapter layers: not measured")
+
+
+def test_compiled_engines_grow_the_cache_in_powers_of_two(tmp_path):
+    """The compiled step is specialized to the cache length: a growing conversation gets few lengths
+    (each compiled once), not one per turn; eager steps read only the slots in use, so they round to 64."""
+    hf_tiny_model(max_position_embeddings=1000).save_pretrained(tmp_path)
+    compiled = Engine(load_model(tmp_path), tokenizer=None, compile=True)
+    assert [compiled._ensure_cache(1, n) for n in (20, 100, 150, 200, 300, 999)] == [64, 128, 256, 256, 512, 1000]
+    eager = Engine(load_model(tmp_path), tokenizer=None)
+    assert [eager._ensure_cache(1, n) for n in (20, 100, 150, 200)] == [64, 128, 192, 256]

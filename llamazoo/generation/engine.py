@@ -247,7 +247,15 @@ class Engine:
 
     def _ensure_cache(self, batch: int, length: int) -> int:
         m = self.cache_multiple
-        length = min(-(-length // m) * m, max(length, self.max_seq_length))
+        if self.compile:
+            # the compiled step's graph is specialized to the cache length (the cache is a module attribute,
+            # static to dynamo): powers of two, so that a growing chat compiles a few lengths, not one per
+            # turn (3 turns of SmolLM2 chat: 384, 704, 1024 slots, a compile each), and runs of other
+            # lengths hit inductor's disk cache; the step attends over at most twice the slots it needs
+            rounded = max(m, 1 << (length - 1).bit_length())
+        else:
+            rounded = -(-length // m) * m
+        length = min(rounded, max(length, self.max_seq_length))
         if self._cache_shape and self.model.cache_len:
             b, have = self._cache_shape
             # keep a cache that is big enough: no reallocation, no recompile; eager steps read only the
