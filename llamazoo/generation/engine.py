@@ -174,8 +174,8 @@ class Engine:
     compile=True compiles the one-token decode step with torch.compile, one decoder layer at a time
     (all layers share one graph, so a compile takes seconds, not minutes, and inductor's on-disk cache
     serves the next process) plus the LM head. Prefill stays eager. The compiled step sees the whole
-    cache (full-width masks); cache lengths are rounded up to a multiple of `cache_multiple`, and a
-    second length makes dynamo compile a length-generic graph. compile_fallback=True (what
+    cache (full-width masks) and is compiled for each cache length, which therefore grows in powers of
+    two (eager engines round to a multiple of `cache_multiple`). compile_fallback=True (what
     generation.compile=auto asks for): a compile that fails warns once and the run goes on eager, rather
     than failing a run whose user never asked for a compile.
     """
