@@ -109,13 +109,13 @@ def child(spec: dict) -> dict:
             generation.compile chooses (auto: see llamazoo.generation.engine.auto_compile) and the layout
             it packs for (see generation.packed)."""
             nonlocal engine
-            from llamazoo.generation.app import choose_compile
+            from llamazoo.generation.app import compile_settings
             from llamazoo.generation.packed import BATCHED_HINT, unpack
 
-            compiled, _ = choose_compile(spec["compile"], model, batch, spec["new_tokens"])
-            if compiled:
+            kwargs, _ = compile_settings(spec["compile"], model, batch, spec["new_tokens"])
+            if kwargs["compile"]:
                 if not engine.compile:
-                    engine = Engine(model, None, compile=True, pack=False)  # auto: weights held once
+                    engine = Engine(model, None, **kwargs)  # auto: weights held once
                     engine.warmup(batch, spec["prompt"], spec["new_tokens"])
                 return "compiled"
             hint = 1 if batch == 1 else BATCHED_HINT

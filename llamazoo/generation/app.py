@@ -195,13 +195,14 @@ def sampling_params(gen: GenerationSection) -> SamplingParams:
                           top_p=gen.top_p, min_p=gen.min_p, repetition_penalty=gen.repetition_penalty)
 
 
-def choose_compile(setting: bool | str, model, batch: int, decode_tokens: int) -> tuple[bool, bool | str]:
-    """(compile or not, what the report says): generation.compile as set, or auto's choice and reason.
-    Auto compiles with the weights held once (no packed copies; see `auto_compile`)."""
+def compile_settings(setting: bool | str, model, batch: int, decode_tokens: int) -> tuple[dict[str, bool], bool | str]:
+    """`Engine` keyword arguments for generation.compile, and what the report says. auto compiles where
+    `auto_compile` says it pays, with the weights held once (no packed copies) and eager decoding if the
+    compile fails; true / false as set."""
     if setting != "auto":
-        return bool(setting), bool(setting)
+        return {"compile": bool(setting)}, bool(setting)
     on, why = auto_compile(model, batch, decode_tokens)
-    return on, f"auto: {'compiled' if on else 'eager'} ({why})"
+    return {"compile": on, "pack": not on, "compile_fallback": True}, f"auto: {'compiled' if on else 'eager'} ({why})"
 
 
 def decode_step_kind(engine: Engine, n_prompts: int, batch_size: int) -> str:
@@ -223,12 +224,10 @@ def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO |
     params = sampling_params(gen)
     batch = min(gen.batch_size, len(prompt_ids))
     hint = 1 if batch == 1 else BATCHED_HINT
-    compile_on, compile_why = choose_compile(gen.compile, model, batch, len(prompt_ids) * gen.max_new_tokens)
-    auto = gen.compile == "auto"
-    engine = Engine(model, tok, compile=compile_on, max_seq_length=max_seq_length, pack_batch_hint=hint,
-                    pack=not (auto and compile_on), compile_fallback=auto)
+    compile_kwargs, compile_why = compile_settings(gen.compile, model, batch, len(prompt_ids) * gen.max_new_tokens)
+    engine = Engine(model, tok, max_seq_length=max_seq_length, pack_batch_hint=hint, **compile_kwargs)
     compile_s = None
-    if compile_on and engine.uses_compiled_step(batch):
+    if engine.uses_compiled_step(batch):
         first = prompt_ids[:gen.batch_size]
         compile_s = engine.warmup(len(first), max(len(p) for p in first), gen.max_new_tokens)
 
@@ -260,7 +259,7 @@ def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO |
     rows = engine.generate(prompt_ids, gen.max_new_tokens, gen.batch_size, params, eos, gen.stop, gen.seed,
                            on_text=on_text if stream else None, on_row_done=on_row_done,
                            on_row_start=on_row_start)
-    if compile_on and not engine.compile:  # generation.compile=auto and the compile failed (a warning said why)
+    if compile_kwargs["compile"] and not engine.compile:  # auto, and the compile failed (a warning said why)
         compile_why = f"{compile_why}; the compile failed, decoded eagerly"
     header = {
         "model": cfg.checkpoint.model_name_or_path or "default (SmolLM2-135M-Instruct)",
@@ -314,12 +313,11 @@ def run_chat(cfg: GenerateConfig, stdin: TextIO | None = None, out: TextIO | Non
     max_seq_length = cfg.model.max_seq_length or model.config.max_position_embeddings
     max_new = min(max_new, max_seq_length // 2)
     eos = gen.eos_token_ids if gen.eos_token_ids is not None else default_eos_ids(model, tok, loaded.folder)
-    compile_on, _ = choose_compile(gen.compile, model, 1, max_new)
-    if gen.compile == "auto" and compile_on:
+    compile_kwargs, _ = compile_settings(gen.compile, model, 1, max_new)
+    if gen.compile == "auto" and compile_kwargs["compile"]:
         print(f"llamazoo chat: generation.compile=auto compiles the decode step (answers of up to {max_new} "
               f"tokens); the first answer waits for it (~2-10 s, cached on disk; generation.compile=false "
               f"skips it)", file=sys.stderr)
-    engine = Engine(model, tok, compile=compile_on, max_seq_length=max_seq_length,
-                    pack=not (gen.compile == "auto" and compile_on), compile_fallback=gen.compile == "auto")
+    engine = Engine(model, tok, max_seq_length=max_seq_length, **compile_kwargs)
     session = ChatSession(engine, sampling_params(gen), max_new, eos, gen.stop, gen.system, gen.seed)
     chat_loop(session, stdin, out, interactive=stdin.isatty())
