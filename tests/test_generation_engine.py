@@ -378,3 +378,21 @@ def test_compiled_engines_grow_the_cache_in_powers_of_two(tmp_path):
     assert [compiled._ensure_cache(1, n) for n in (20, 100, 150, 200, 300, 999)] == [64, 128, 256, 256, 512, 1000]
     eager = Engine(load_model(tmp_path), tokenizer=None)
     assert [eager._ensure_cache(1, n) for n in (20, 100, 150, 200)] == [64, 128, 192, 256]
+
+
+def test_auto_compiled_engine_with_a_tied_head_gives_eager_tokens(tmp_path):
+    """generation.compile=auto's engine (compiled, weights not packed) on a tied LM head, as SmolLM2 has:
+    the compiled head reads the embedding matrix; the tokens are eager's."""
+    from llamazoo.generation.app import compile_settings
+
+    hf_tiny_model(max_position_embeddings=256, tie_word_embeddings=True).save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    kwargs, why = compile_settings("auto", model, 1, 300)
+    assert kwargs == {"compile": True, "pack": False, "compile_fallback": True} and why.startswith("auto: compiled")
+    auto = Engine(model, tokenizer=None, **kwargs)
+    assert not auto.packed and auto.uses_compiled_step(1)
+    eager = Engine(load_model(tmp_path), tokenizer=None)
+    for p in random_prompts([7, 40], 256, seed=3):
+        assert auto.generate_batch([p], 16)[0].token_ids == eager.generate_batch([p], 16)[0].token_ids
+    assert auto.compile  # it really ran compiled (no fallback)
