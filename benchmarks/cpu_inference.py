@@ -356,7 +356,7 @@ def main() -> None:
             folder, dtype = dirs[precision]
             spec = dict(folder=str(folder), dtype=dtype, batches=batches, prompt=args.prompt, vocab=vocab,
                         new_tokens=args.new_tokens, threads=args.threads, repeats=args.repeats, ppl_ids=ppl_ids,
-                        compile=args.compile)
+                        compile="auto" if args.compile == "auto" else False)
             runs = {"llamazoo": run_child({**spec, "impl": "llamazoo"})}
             if precision in ("fp32", "bf16") and not args.no_transformers:
                 runs["transformers"] = run_child({**spec, "impl": "transformers"})
