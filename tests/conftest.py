@@ -101,3 +101,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def without_cpu_kernels(monkeypatch):
+    """llamazoo.kernels.cpu as on a machine that cannot build them: every caller takes torch's kernels."""
+    from llamazoo.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_library", None)
+    monkeypatch.setattr(cpu, "_tried", True)
+    monkeypatch.setattr(cpu, "_why_not", "turned off by the test")

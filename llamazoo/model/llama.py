@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamazoo.kernels import cpu as cpu_kernels
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
@@ -155,8 +157,10 @@ def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     """`lin(x)`, with three inference fast paths.
 
     Eager: `lin.packed` when set (llamazoo.generation.packed: a prepacked oneDNN weight; not a module, so
-    names and state_dict are unchanged); else, for bf16 prompts on a CPU without bf16 GEMM kernels, an fp32
-    GEMM over upcast weight slices (`bf16_linear_in_fp32`, see UPCAST_MIN_TOKENS). Under torch.compile, one
+    names and state_dict are unchanged); else, for bf16 weights on a CPU without bf16 GEMM kernels and no
+    autograd, an fp32 GEMM over upcast weight slices for prompts (`bf16_linear_in_fp32`, see
+    UPCAST_MIN_TOKENS) and llamazoo.kernels.cpu's bf16 kernel for fewer rows (decode steps: each row's
+    numbers do not depend on the batch). Under torch.compile, one
     row on CPU (batch-1 decode) is a multiply-reduce: inductor fuses it into one pass over the weight at
     close to memory bandwidth, ~1.5x the extern matrix-vector call `F.linear` becomes. Both accumulate in fp32, like the GEMMs.
     Any other module (a LoRA layer, a quantized linear: llamazoo.model.lora) is simply called, so that
@@ -175,10 +179,19 @@ def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     packed = lin.__dict__.get("packed")
     if packed is not None:
         return packed(x)
-    if (x.dim() == 3 and x.shape[1] >= UPCAST_MIN_TOKENS and not torch.is_grad_enabled()
-            and _slow_bf16_gemm(lin.weight)):
-        return bf16_linear_in_fp32(x, lin.weight, lin.bias)
+    if not torch.is_grad_enabled() and _slow_bf16_gemm(lin.weight):
+        if x.dim() == 3 and x.shape[1] >= UPCAST_MIN_TOKENS:
+            return bf16_linear_in_fp32(x, lin.weight, lin.bias)
+        if _bf16_kernel_fits(lin.weight):
+            y = cpu_kernels.linear_bf16(x, lin.weight)
+            if lin.bias is not None:
+                y += lin.bias.float()
+            return y.to(x.dtype)
     return lin(x)
+
+
+def _bf16_kernel_fits(w: torch.Tensor) -> bool:
+    return w.shape[1] % 8 == 0 and w.is_contiguous() and cpu_kernels.available()
 
 
 def fp32_linear_weight_first(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -12,10 +12,13 @@ llama.cpp's blocks (llamazoo.io.quantized): Q8_0 is int8 with g = 32, Q4_0 / Q4_
 Kernels, chosen by measurement (AVX2 EPYC, one thread, a 22016 x 4096 weight, batch 1 / 8, ms):
   bf16 F.linear 20 / 276; fp32 oneDNN-packed 23 / 74; int8 `_weight_int8pack_mm` 23 / 51;
   int4 `_weight_int4pack_mm_for_cpu` (g 64) 15 / 110; inductor-compiled dequantize + multiply-reduce
-  (int8 96, int4 412 at batch 1): not used. The int kernels are vectorized for bf16 activations only
+  (int8 96, int4 412 at batch 1): not used. torch's int kernels are vectorized for bf16 activations only
   (fp32 ones take ~10x longer), so activations enter them as bf16 and the result is cast back.
+  Where llamazoo.kernels.cpu is built (x86-64 AVX2 and a C compiler), int8 layers, per channel or
+  grouped, use its `lz_linear_int8` instead ("lz8": fp32 activations, and a row's numbers independent of
+  the batch; 2 threads, 22016 x 4096 at 1 / 8 / 32 rows: 2.9 / 12.6 / 43.7 ms vs torch's 4.0 / 17.8 / 68.6).
 At load (`prepare`) a layer takes its kernel's layout in place of the stored one, so its weight is held
-once: int8 per channel keeps its tensors; int4 codes are reordered into the kernel's blocked layout and
+once: int8 (lz8, or torch's per channel) keeps its tensors; int4 codes are reordered into the kernel's blocked layout and
 scale/zero become one bf16 [in / g, out, 2] tensor; grouped int8 (Q8_0) runs as two int4 halves of the
 same bytes (q = 16 * hi + lo: hi rows with scale 16 * s, lo rows with s and zero 8 * s, outputs summed).
 state_dict() gives the stored format back (scales as the bf16 the kernel holds). Elsewhere (another
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamazoo.kernels import cpu as cpu_kernels
 from llamazoo.model.quant import int8_quantize
 
 BITS = (8, 4)
@@ -147,7 +151,10 @@ def dequantize(stored: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _kernel(kernel: str, x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
-    """One int8 / int4 kernel call on 2-D activations (cast to bf16, the kernels' vectorized type)."""
+    """One int8 / int4 kernel call on 2-D activations: llamazoo's (fp32 activations, fp32 result) or
+    torch's (activations cast to bf16, their vectorized type)."""
+    if kernel == "lz8":
+        return cpu_kernels.linear_int8(x2, codes, scale, group_size)
     x2 = x2.to(torch.bfloat16).contiguous()
     if kernel == "int8":
         return torch.ops.aten._weight_int8pack_mm(x2, codes, scale)
@@ -178,7 +185,7 @@ class WeightOnlyLinear(nn.Module):
             self.register_buffer("weight_zero", torch.empty(self.weight_scale.shape, dtype=zero_dtype or scale_dtype,
                                                             device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        self.kernel: str | None = None  # set by prepare(): int8 | int4 | int8x2, None = dequantize per call
+        self.kernel: str | None = None  # set by prepare(): lz8 | int8 | int4 | int8x2, None = dequantize per call
 
     @classmethod
     @torch.no_grad()
@@ -205,6 +212,8 @@ class WeightOnlyLinear(nn.Module):
         N, K, g = self.out_features, self.in_features, self.group_size
         if self.weight_q.device.type != "cpu":
             return None
+        if self.bits == 8 and g % 8 == 0 and cpu_kernels.available():
+            return "lz8"
         if self.bits == 8 and g == K and K % 8 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             return "int8"
         int4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and g in KERNEL_GROUP_SIZES and K % g == 0
@@ -220,7 +229,10 @@ class WeightOnlyLinear(nn.Module):
         if self.kernel is not None or self.weight_q.is_meta:
             return self
         kernel = self._kernel_for()
-        if kernel == "int8":
+        if kernel == "lz8":
+            scale = self.weight_scale.to(torch.bfloat16).contiguous()  # [out, in / g]; the same tensor if bf16
+            self.register_buffer("_scale", scale, persistent=False)
+        elif kernel == "int8":
             self.register_buffer("_scale", self.weight_scale.view(-1).to(torch.bfloat16), persistent=False)
         elif kernel == "int4":
             self.weight_q = _to_int4pack(unpack_nibbles(self.weight_q))
@@ -241,7 +253,7 @@ class WeightOnlyLinear(nn.Module):
     def stored(self) -> dict[str, torch.Tensor]:
         """The stored-format tensors (module docstring), from whatever layout the layer holds."""
         N, K = self.out_features, self.in_features
-        if self.kernel is None or self.kernel == "int8":
+        if self.kernel in (None, "int8", "lz8"):
             out = {"weight_q": self.weight_q, "weight_scale": self.weight_scale}
             if self.bits == 4:
                 out["weight_zero"] = self.weight_zero
@@ -263,15 +275,15 @@ class WeightOnlyLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight [out, in] the layer computes with (the int8 kernel: with its bf16 scales)."""
         st = self.stored()
-        if self.kernel == "int8":
-            st = {"weight_q": st["weight_q"], "weight_scale": self._scale[:, None]}
+        if self.kernel in ("int8", "lz8"):
+            st = {"weight_q": st["weight_q"], "weight_scale": self._scale.view(self.out_features, -1)}
         return dequantize(st).to(dtype or self.compute_dtype)
 
     # -- forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel in ("int8", "int4"):
+        if self.kernel in ("lz8", "int8", "int4"):
             y = _kernel(self.kernel, x2, self.weight_q, self._scale, self.group_size)
         elif self.kernel == "int8x2":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -380,7 +392,7 @@ def quantize_model(model: nn.Module, kind: str, group_size: int = DEFAULT_GROUP_
             raise ValueError(f"model.quantize={kind}: {name} is a {type(lin).__name__}, not a plain linear "
                              f"layer (merge LoRA adapters first)")
         layer = WeightOnlyLinear.from_linear(lin, bits, g).prepare()
-        if name == "lm_head" and tied and layer.kernel != "int8":
+        if name == "lm_head" and tied and layer.kernel not in ("int8", "lz8"):
             continue  # the embedding looks rows up: only the int8 kernel keeps them in their plain layout
         _set_module(model, name, layer)
         if name == "lm_head" and tied:
@@ -417,7 +429,7 @@ def prepare_quantized(model: nn.Module, release: Callable[[list[torch.Tensor]], 
         if isinstance(m, WeightOnlyLinear) and m.kernel is None:
             old = list(m.stored().values())
             m.prepare()
-            if release is not None and m.kernel not in (None, "int8"):
+            if release is not None and m.kernel not in (None, "int8", "lz8"):
                 release(old)
 
 
@@ -436,24 +448,25 @@ class FusedWeightOnly:
         self.kernel, self.group_size, self.in_features = first.kernel, first.group_size, first.in_features
         self.split = [m.out_features for m in layers]
         self.codes = torch.cat([m.weight_q for m in layers])
-        self.scale = torch.cat([m._scale for m in layers], 0 if self.kernel == "int8" else 1)
+        rows_first = self.kernel in ("int8", "lz8")  # scales [out(, groups)]; int4's are [groups, out, 2]
+        self.scale = torch.cat([m._scale for m in layers], 0 if rows_first else 1)
         self.bias = None if all(m.bias is None for m in layers) else torch.cat(
             [m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, dtype=m.compute_dtype)
              for m in layers])
         start = 0
         for m, n in zip(layers, self.split):
             m.weight_q = self.codes[start:start + n]
-            m._scale = self.scale[start:start + n] if self.kernel == "int8" else self.scale[:, start:start + n]
+            m._scale = self.scale[start:start + n] if rows_first else self.scale[:, start:start + n]
             start += n
 
     @staticmethod
     def fusable(layers: list[nn.Module]) -> bool:
         first = layers[0]
-        return (all(isinstance(m, WeightOnlyLinear) for m in layers) and first.kernel in ("int8", "int4")
+        return (all(isinstance(m, WeightOnlyLinear) for m in layers) and first.kernel in ("lz8", "int8", "int4")
                 and all(m.kernel == first.kernel and m.group_size == first.group_size and m.in_features ==
                         first.in_features and m.compute_dtype == first.compute_dtype for m in layers)
                 # int4: the kernel's layout is made of blocks of 32 or 64 rows; whole blocks concatenate
-                and (first.kernel == "int8" or all(m.out_features % 64 == 0 for m in layers)))
+                and (first.kernel != "int4" or all(m.out_features % 64 == 0 for m in layers)))
 
     def __call__(self, x: torch.Tensor):
         y = _kernel(self.kernel, x.reshape(-1, self.in_features), self.codes, self.scale, self.group_size).to(x.dtype)

@@ -1,0 +1,149 @@
+"""llamazoo.kernels.cpu: the C linear kernels against fp32 products, row for row the same in any batch, their
+build (cached; a failing compiler is one warning and torch's kernels), and where the model uses them."""
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+
+from llamazoo.kernels import cpu
+
+
+def can_build_here() -> bool:
+    return (platform.machine().lower() in ("x86_64", "amd64") and cpu._compiler() is not None
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+def test_kernels_are_built_wherever_they_can_be():
+    """So that the rest of the suite tests them, not a silent fallback."""
+    if can_build_here():
+        assert cpu.available(), cpu.why_unavailable()
+    else:
+        assert not cpu.available() and cpu.why_unavailable()
+
+
+needs_kernels = pytest.mark.skipif(not can_build_here(), reason="the kernels are x86-64 AVX2 code built with a C compiler")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,out_f,in_f", [(1, 1, 8), (2, 7, 16), (5, 70, 96), (9, 256, 576), (4, 3, 40), (3, 64, 4096)])
+def test_bf16_kernel_equals_the_fp32_product(rows, out_f, in_f):
+    g = torch.Generator().manual_seed(rows * out_f)
+    w = torch.randn(out_f, in_f, generator=g).bfloat16()
+    x = torch.randn(rows, in_f, generator=g)
+    y = cpu.linear_bf16(x, w)
+    ref = x.double() @ w.double().t()
+    assert y.dtype == torch.float32 and y.shape == (rows, out_f)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # bf16 activations are read as their exact fp32 values
+    assert torch.equal(cpu.linear_bf16(x.bfloat16(), w), cpu.linear_bf16(x.bfloat16().float(), w))
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [None, 32])
+def test_int8_kernel_equals_the_dequantized_product(group):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (37, 96), dtype=torch.int8, generator=g)
+    scale = (torch.rand(37, 96 // (group or 96), generator=g) * 0.01).bfloat16()
+    x = torch.randn(6, 96, generator=g)
+    w = q.double() * scale.double().repeat_interleave(group or 96, 1)
+    ref = x.double() @ w.t()
+    y = cpu.linear_int8(x, q, scale, group or 96)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-grouped"])
+def test_a_row_gives_the_same_numbers_alone_and_in_any_batch(kind):
+    """Continuous batching needs it: a sequence decodes to the same tokens whoever shares its steps."""
+    g = torch.Generator().manual_seed(2)
+    K = 256
+    if kind == "bf16":
+        w = torch.randn(45, K, generator=g).bfloat16()
+        run = lambda x: cpu.linear_bf16(x, w)  # noqa: E731
+    else:
+        q = torch.randint(-127, 128, (45, K), dtype=torch.int8, generator=g)
+        group = 32 if kind == "int8-grouped" else K
+        scale = (torch.rand(45, K // group, generator=g) * 0.01).bfloat16()
+        run = lambda x: cpu.linear_int8(x, q, scale, group)  # noqa: E731
+    x = torch.randn(13, K, generator=g)
+    alone = torch.cat([run(x[i:i + 1]) for i in range(13)])
+    for batch in (2, 3, 4, 7, 13):
+        assert torch.equal(torch.cat([run(x[i:i + batch]) for i in range(0, 13, batch)]), alone)
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(run(x), alone)  # and with any number of threads
+    finally:
+        torch.set_num_threads(cpu_threads)
+
+
+cpu_threads = torch.get_num_threads()
+
+
+@needs_kernels
+def test_build_is_cached_and_a_failing_compiler_warns_once(tmp_path, monkeypatch, caplog):
+    def fresh_state():
+        monkeypatch.setattr(cpu, "_library", None)
+        monkeypatch.setattr(cpu, "_tried", False)
+        monkeypatch.setattr(cpu, "_why_not", None)
+
+    monkeypatch.setenv("LLAMAZOO_CACHE", str(tmp_path / "cache"))
+    fresh_state()
+    assert cpu.available()
+    built = list((tmp_path / "cache" / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"  # no temporary left beside it
+    fresh_state()
+
+    def no_compiler_run(*args, **kwargs):
+        raise AssertionError("compiled again instead of loading the cached library")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler_run)
+    assert cpu.available()
+    monkeypatch.undo()
+
+    monkeypatch.setenv("LLAMAZOO_CACHE", str(tmp_path / "other"))
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    fresh_state()
+    with caplog.at_level(logging.WARNING, logger="llamazoo.kernels"):
+        assert not cpu.available() and not cpu.available()
+    why = cpu.why_unavailable()
+    assert why.startswith("building cpu_linear.c failed: false exited with 1")
+    assert [r.getMessage() for r in caplog.records] == [f"CPU kernels unavailable, torch's are used instead: {why}"]
+    assert not list((tmp_path / "other" / "kernels").iterdir())  # nothing half-written left
+    with pytest.raises(RuntimeError, match="CPU kernels are unavailable: building cpu_linear.c failed"):
+        cpu.linear_bf16(torch.ones(1, 8), torch.ones(2, 8, dtype=torch.bfloat16))
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("LLAMAZOO_CPU_KERNELS", "0")
+    monkeypatch.setattr(cpu, "_library", None)
+    monkeypatch.setattr(cpu, "_tried", False)
+    assert not cpu.available() and cpu.why_unavailable() == "LLAMAZOO_CPU_KERNELS=0"
+
+
+@needs_kernels
+def test_model_linear_takes_the_bf16_kernel_for_decode_rows_only(monkeypatch):
+    """bf16 weights on a CPU without bf16 GEMM kernels: decode rows (fewer than UPCAST_MIN_TOKENS per
+    sequence) through the C kernel, prompts through the upcast GEMM, training (autograd) through F.linear."""
+    from llamazoo.model import llama
+
+    if not llama._slow_bf16_gemm(torch.ones(1, dtype=torch.bfloat16)):
+        pytest.skip("this CPU has bf16 GEMM kernels: torch's are used")  # not this machine
+    calls = []
+    real = cpu.linear_bf16
+    monkeypatch.setattr(cpu, "linear_bf16", lambda x, w: calls.append(x.shape) or real(x, w))
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24, bias=True).bfloat16()
+    x = torch.randn(3, 1, 64).bfloat16()
+    with torch.inference_mode():
+        y = llama.linear(x, lin)
+        prompt = llama.linear(torch.randn(1, llama.UPCAST_MIN_TOKENS, 64).bfloat16(), lin)
+    assert calls == [(3, 1, 64)] and y.dtype == torch.bfloat16 and prompt.shape == (1, llama.UPCAST_MIN_TOKENS, 24)
+    ref = (x.float() @ lin.weight.float().t() + lin.bias.float()).bfloat16()
+    assert (y.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()  # one bf16 rounding apart
+    y_grad = llama.linear(x, lin)  # autograd on: F.linear's graph
+    assert len(calls) == 1 and y_grad.requires_grad
