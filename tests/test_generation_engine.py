@@ -362,10 +362,14 @@ def test_auto_compile_decides_by_batch_tokens_layer_size_dtype_and_compiler(tmp_
         assert auto_compile(model, 1, 10_000) == (False, "no C++ compiler found (torch.compile needs one on CPU)")
     monkeypatch.setattr(engine_module, "AUTO_COMPILE_MAX_LAYER_BYTES", 1024)  # these layers count as large now
     on, why = auto_compile(model, 1, 10_000)
-    assert not on and why.endswith("MB per layer: the packed kernels already read them at memory speed")
-    # bf16 that oneDNN cannot pack (no bf16 GEMM kernels) compiles whatever the layer size
+    assert not on and why.endswith("MB per layer: the eager kernels already read them at memory speed")
+    # bf16 large layers: eager where oneDNN or llamazoo's CPU kernels read them at memory speed; on a CPU
+    # without bf16 GEMM kernels and without llamazoo's, compiled whatever the layer size
     bf16 = load_model(tmp_path, dtype=torch.bfloat16)
-    assert auto_compile(bf16, 1, 10_000)[0] == (not torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert auto_compile(bf16, 1, 10_000)[0] == (not native and not engine_module.cpu_kernels.available())
+    monkeypatch.setattr(engine_module.cpu_kernels, "available", lambda: False)
+    assert auto_compile(bf16, 1, 10_000)[0] == (not native)
     quantize_model(model, "int8")
     assert auto_compile(model, 1, 10_000) == (False, "quantized or adapter layers: not measured")
 

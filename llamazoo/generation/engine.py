@@ -17,6 +17,7 @@ from torch import nn
 
 from llamazoo.generation.packed import pack_for_inference, unpack
 from llamazoo.generation.sampling import SamplingParams, choose_tokens
+from llamazoo.kernels import cpu as cpu_kernels
 from llamazoo.model.llama import UPCAST_MIN_TOKENS, attention_width, fp32_linear_weight_first, linear
 
 log = logging.getLogger("llamazoo.generate")
@@ -120,10 +121,11 @@ StreamFn = Callable[[int, str], None]
 # an AVX2 EPYC, 40-token prompt, 128 new tokens, decode tok/s eager -> compiled: SmolLM2-135M (14 MB of fp32
 # weights per layer) fp32 17-23 -> 39-43, bf16 24-31 -> 50; a 2048-hidden model (TinyLlama's shapes,
 # 200 MB per fp32 layer) fp32 26.9 -> 26.1, bf16 35.9 -> 38.4; Llama-2-7b's shapes fp32 13.3 -> 13.7, bf16
-# 16.6 -> 19.6. So: layers of small matrices (per-call costs dominate the eager step) and bf16 that
-# oneDNN cannot pack (CPUs without bf16 GEMM kernels read bf16 slowly in `F.linear`), not large fp32 ones,
-# where the packed kernels already stream the weights at memory speed and an unpacked prompt is slower
-# (7b shapes, 16 tokens: 182 -> 318 ms). A compile costs ~7-10 s the first time and ~2.5 s from
+# 16.6 -> 19.6 (bf16 in torch's `F.linear`). With llamazoo.kernels.cpu's bf16 kernel in the eager step:
+# SmolLM2 bf16 32 -> 55, TinyLlama's shapes 55 -> 42, Llama-2-7b's 34 -> 21. So: layers of small matrices
+# (per-call costs dominate the eager step), not large ones, where the packed fp32 / C bf16 kernels already
+# stream the weights at memory speed and an unpacked prompt is slower (7b shapes, 16 tokens: 182 -> 318
+# ms); and large bf16 ones only on a CPU without bf16 GEMM kernels where llamazoo's cannot be built. A compile costs ~7-10 s the first time and ~2.5 s from
 # inductor's on-disk cache, ~20 ms saved per SmolLM2 token: it pays from a few hundred tokens.
 AUTO_COMPILE_MIN_TOKENS = 256
 AUTO_COMPILE_MAX_LAYER_BYTES = 32 << 20
@@ -144,9 +146,13 @@ def auto_compile(model: nn.Module, batch: int, decode_tokens: int) -> tuple[bool
     if w.dtype not in (torch.float32, torch.bfloat16):
         return False, f"{w.dtype}: not measured"
     layer_bytes = sum(m.weight.numel() * m.weight.element_size() for m in projections)
-    unpacked_bf16 = w.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if layer_bytes > AUTO_COMPILE_MAX_LAYER_BYTES and not unpacked_bf16:
-        return False, f"{layer_bytes / 2**20:.1f} MB per layer: the packed kernels already read them at memory speed"
+    # bf16 on a CPU without bf16 GEMM kernels: eager reads large layers at memory speed only through
+    # llamazoo.kernels.cpu (measured, bf16, batch 1, eager -> compiled tok/s: TinyLlama's shapes 55 -> 42,
+    # Llama-2-7b's 34 -> 21 with it; without it compiling wins at every size, 16.6 -> 19.6 at 7b shapes)
+    slow_bf16 = (w.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                 and not cpu_kernels.available())
+    if layer_bytes > AUTO_COMPILE_MAX_LAYER_BYTES and not slow_bf16:
+        return False, f"{layer_bytes / 2**20:.1f} MB per layer: the eager kernels already read them at memory speed"
     if decode_tokens < AUTO_COMPILE_MIN_TOKENS:
         return False, f"{decode_tokens} tokens to decode, under {AUTO_COMPILE_MIN_TOKENS}: a compile would not pay"
     try:
