@@ -56,8 +56,40 @@ def test_int8_kernel_equals_the_dequantized_product(group):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+def q8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 kernel's activations: codes and scales per 32 inputs, with cpu_linear.c's fp32 operations."""
+    b = x.reshape(x.shape[0], -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    return (b * torch.where(d != 0, 1 / d, torch.zeros_like(d))).round(), d
+
+
 @needs_kernels
-@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-grouped"])
+@pytest.mark.parametrize("rows,out_f,in_f,group", [(1, 5, 32, 32), (2, 70, 96, 32), (9, 64, 256, 64), (3, 33, 512, 128),
+                                                   (4, 8, 512, 256)])
+def test_int4_kernel_equals_the_integer_product_of_its_blocks(rows, out_f, in_f, group):
+    """x in int8 blocks of 32 (as llama.cpp's Q8_0) times (q - 8) * s + z: the block sums are exact integers."""
+    g = torch.Generator().manual_seed(out_f)
+    codes = torch.randint(0, 16, (out_f, in_f), dtype=torch.uint8, generator=g)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)  # even inputs in the low nibble
+    s = (torch.rand(out_f, in_f // group, generator=g) * 0.02).bfloat16()
+    z = (torch.randn(out_f, in_f // group, generator=g) * 0.02).bfloat16()
+    x = torch.randn(rows, in_f, generator=g) * torch.linspace(0.1, 4, in_f)  # blocks of different ranges
+    x[0, :32] = 0  # an all-zero block (scale 0)
+    y = cpu.linear_int4(x, packed, torch.stack((s, z), -1).contiguous(), group)
+    xq, d = q8_blocks(x)
+    assert xq.abs().max() <= 127
+    w = (codes.double() - 8) * s.double().repeat_interleave(group, 1) + z.double().repeat_interleave(group, 1)
+    ref = (xq.double() * d.double()).reshape(rows, in_f) @ w.t()
+    assert y.dtype == torch.float32 and y.shape == (rows, out_f)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # and within the activations' quantization error (half a step per input) of the plain product
+    plain = x.double() @ w.t()
+    bound = (0.5 * d.double().expand(-1, -1, 32).reshape(rows, in_f)) @ w.abs().t()
+    assert ((y.double() - plain).abs() <= bound + 1e-4).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-grouped", "int4"])
 def test_a_row_gives_the_same_numbers_alone_and_in_any_batch(kind):
     """Continuous batching needs it: a sequence decodes to the same tokens whoever shares its steps."""
     g = torch.Generator().manual_seed(2)
@@ -65,6 +97,10 @@ def test_a_row_gives_the_same_numbers_alone_and_in_any_batch(kind):
     if kind == "bf16":
         w = torch.randn(45, K, generator=g).bfloat16()
         run = lambda x: cpu.linear_bf16(x, w)  # noqa: E731
+    elif kind == "int4":
+        packed = torch.randint(0, 256, (45, K // 2), dtype=torch.uint8, generator=g)
+        sz = (torch.rand(45, K // 64, 2, generator=g) * 0.01).bfloat16()
+        run = lambda x: cpu.linear_int4(x, packed, sz, 64)  # noqa: E731
     else:
         q = torch.randint(-127, 128, (45, K), dtype=torch.int8, generator=g)
         group = 32 if kind == "int8-grouped" else K

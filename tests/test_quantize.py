@@ -18,23 +18,35 @@ from llamazoo.model.quantize import (WeightOnlyLinear, dequantize, quantize_int4
 TINY_Q = dict(intermediate_size=128, max_position_embeddings=128)
 
 
+def q8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as llamazoo's int4 kernel sees it: int8 per 32 inputs (d = absmax / 127, codes rounded to even),
+    the same fp32 operations as cpu_linear.c, returned as d * codes in fp64."""
+    b = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    return ((b * inv).round().double() * d.double()).reshape(x.shape)
+
+
 def reference(layer: WeightOnlyLinear, x: torch.Tensor) -> torch.Tensor:
-    """What the kernels compute: the activations (bf16 for torch's kernels) times the dequantized weight,
-    accumulated in fp32."""
-    xin = x.to(torch.bfloat16).float() if layer.kernel in ("int8", "int4", "int8x2") else x.float()
-    y = xin @ layer.dequantize(torch.float32).t()
-    return y + layer.bias.float() if layer.bias is not None else y
+    """What the kernels compute: the activations (bf16 for torch's kernels, int8 blocks for lz4) times the
+    dequantized weight (fp64 here)."""
+    xin = x.to(torch.bfloat16).double() if layer.kernel in ("int8", "int4", "int8x2") else x.double()
+    if layer.kernel == "lz4":
+        xin = q8_activations(x)
+    y = xin @ layer.dequantize(torch.float32).double().t()
+    return y + layer.bias.double() if layer.bias is not None else y
 
 
 # (bits, group, out, in) -> the kernel with llamazoo's CPU kernels, and with torch's alone
 @pytest.mark.parametrize("bits,group,out_f,in_f,lz_kernel,torch_kernel", [
     (8, None, 192, 576, "lz8", "int8"),    # per channel: llamazoo's / _weight_int8pack_mm
-    (4, 32, 192, 576, "int4", "int4"),     # _weight_int4pack_mm_for_cpu
-    (4, 64, 1536, 576, "int4", "int4"),
-    (4, 128, 80, 256, "int4", "int4"),     # a tail of 16 rows after the 64-row blocks
+    (4, 32, 192, 576, "lz4", "int4"),      # llamazoo's / _weight_int4pack_mm_for_cpu
+    (4, 64, 1536, 576, "lz4", "int4"),
+    (4, 128, 80, 256, "lz4", "int4"),      # torch's: a tail of 16 rows after the 64-row blocks
     (8, 32, 72, 96, "lz8", "int8x2"),      # grouped int8 (GGUF Q8_0); torch's: as two int4 halves
     (8, 32, 70, 96, "lz8", None),          # 70 rows: a tail of 2 after llamazoo's blocks of 4
-    (4, 32, 40, 64, None, None),           # 40 rows: no kernel, dequantized per call
+    (4, 32, 40, 64, "lz4", None),          # 40 rows: torch's kernel wants a multiple of 16 (dequantized per call)
+    (4, 32, 70, 64, "lz4", None),          # a tail of 2 rows after llamazoo's blocks of 4
     (8, None, 24, 20, None, None),         # 20 inputs: the int8 kernels need a multiple of 8
 ])
 @pytest.mark.parametrize("kernels", ["llamazoo", "torch"])
@@ -62,11 +74,11 @@ def test_linear_equals_its_dequantized_weight(bits, group, out_f, in_f, lz_kerne
         y = layer(x)
         ref = reference(layer, x)
         assert y.shape == (*x.shape[:-1], out_f) and y.dtype == x.dtype
-        if kernel in (None, "lz8"):  # fp32 activations and sums: only the summation order differs
-            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        if kernel in (None, "lz8", "lz4"):  # fp32 sums (lz4: exact integer block sums): only the order differs
+            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
         else:  # bf16 arithmetic in torch's kernels: errors at bf16's resolution (2^-8) of the results' magnitude
-            torch.testing.assert_close(y.float(), ref, rtol=2 ** -8, atol=2 ** -8 * ref.abs().max().item())
-    if kernel == "lz8":  # a row gives the same numbers alone and within a batch
+            torch.testing.assert_close(y.double(), ref, rtol=2 ** -8, atol=2 ** -8 * ref.abs().max().item())
+    if kernel in ("lz8", "lz4"):  # a row gives the same numbers alone and within a batch
         x = torch.randn(7, in_f)
         assert torch.equal(layer(x[3:4]), layer(x)[3:4])
 
@@ -160,7 +172,7 @@ def test_convert_quantize_round_trip_and_model_quantize(tmp_path, tokenizers, ti
         assert q.dtype == (torch.int8 if kind == "int8" else torch.uint8)
         loaded = load_model(out)
         layer = loaded.model.layers[0].mlp.down_proj
-        assert isinstance(layer, WeightOnlyLinear) and layer.kernel == ("lz8" if kind == "int8" else kind)
+        assert isinstance(layer, WeightOnlyLinear) and layer.kernel == ("lz8" if kind == "int8" else "lz4")
         # the same layers as quantizing the float model in memory: the same tokens
         mem = load_model(src)
         quantize_model(mem, kind, 64)

@@ -13,14 +13,24 @@
  * Weight formats (row n at w + n * row_bytes):
  *   bf16: K values.
  *   int8: K codes q; value = q * scale[n, k / g] (scales bf16 [N, K/g]; g = K: one per row).
+ *   int4: K/2 bytes, input k in byte k/2 (even k in the low nibble), codes q in 0..15;
+ *         value = (q - 8) * s + z with (s, z) = sz[n, k / g] (bf16 pairs [N, K/g, 2]).
+ * int4 multiplies integers, as llama.cpp's Q4_0 x Q8_0 dot product does: x is quantized per 32 inputs
+ * (x ~ d * xq, xq = round(x / d) in -127..127, d = absmax / 127) and each block's sum of q * xq is exact
+ * (maddubs: 32 products in 4 instructions, where a float path needs 4 conversions and 4 FMAs per 8 weights).
+ * The sums of (q - 8) * d * xq and z * d * xq per group are then added in fp32 in a fixed order.
  * Threads: OpenMP over blocks of NR output rows (the process's libgomp, shared with torch).
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifndef NR
 #define NR 4 /* weight rows per block */
+#endif
+#ifndef NR4
+#define NR4 8 /* int4 weight rows per block (fewer instructions per weight byte than bf16's: more rows pay) */
 #endif
 #ifndef MR
 #define MR 2 /* rows of x per pass over a block (3 spills on AVX2: 16 registers) */
@@ -163,4 +173,150 @@ void lz_linear_int8(const float* x, const int8_t* w, const uint16_t* scale, floa
         int8_rows(x, w, scale, y, M, N, K, threads);
     else
         int8_groups(x, w, scale, y, M, N, K, g, threads);
+}
+
+/* x [M, K] -> xq [M, K] int8, each block of 32 inputs reordered even inputs first (the order the low and
+ * high nibbles of 16 weight bytes come in), d [M, K/32], and dsum [M, K/g]: the sum over a group's blocks
+ * of d * (sum of the block's xq). */
+static void quantize_x_q8(const float* x, int8_t* xq, float* d, float* dsum, int64_t M, int64_t K, int64_t g) {
+    int64_t blocks = K / 32, per_group = g / 32;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const float* src = x + m * K + blk * 32;
+            __m256 v[4], amax = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                v[i] = _mm256_loadu_ps(src + 8 * i);
+                amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+            }
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            float dm = _mm_cvtss_f32(h) / 127.0f;
+            float id = dm != 0.0f ? 1.0f / dm : 0.0f;
+            d[m * blocks + blk] = dm;
+            int32_t q[32];
+            __m256 idv = _mm256_set1_ps(id);
+            for (int i = 0; i < 4; i++) /* round to nearest even, as torch.round */
+                _mm256_storeu_si256((__m256i*)(q + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(v[i], idv)));
+            int8_t* dst = xq + m * K + blk * 32;
+            int32_t total = 0;
+            for (int j = 0; j < 16; j++) {
+                dst[j] = (int8_t)q[2 * j];
+                dst[16 + j] = (int8_t)q[2 * j + 1];
+                total += q[2 * j] + q[2 * j + 1];
+            }
+            int64_t gi = blk / per_group;
+            float part = dm * (float)total;
+            dsum[m * (K / g) + gi] = blk % per_group ? dsum[m * (K / g) + gi] + part : part;
+        }
+    }
+}
+
+/* Row n's (s, z) pairs as fp32 scales s[gi] and offsets zo[gi] = z - 8 s (so (q - 8) s + z = q s + zo). */
+static void int4_row_scales(const uint16_t* pairs, int64_t groups, float* s, float* zo) {
+    int64_t gi = 0;
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    for (; gi + 8 <= groups; gi += 8) { /* 8 pairs: each 32-bit lane holds s (low half) and z (high half) */
+        __m256i v = _mm256_loadu_si256((const __m256i*)(pairs + 2 * gi));
+        __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        __m256 zv = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        _mm256_storeu_ps(s + gi, sv);
+        _mm256_storeu_ps(zo + gi, _mm256_fnmadd_ps(eight, sv, zv));
+    }
+    for (; gi < groups; gi++) {
+        s[gi] = bf16_to_float(pairs[2 * gi]);
+        zo[gi] = bf16_to_float(pairs[2 * gi + 1]) - 8.0f * s[gi];
+    }
+}
+
+/* sum over i of a[i] * b[i] in a fixed order (8 lanes, then the tail). */
+static float dot(const float* a, const float* b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float out = hsum(acc);
+    for (; i < n; i++) out += a[i] * b[i];
+    return out;
+}
+
+/* The exact block sums of rows 0..mc-1 of xq against NR4 int4 weight rows, each times its factor d * s,
+ * into acc (mc a constant at each call: the compiler keeps acc in registers). */
+static inline __attribute__((always_inline)) void int4_block(const int mc, __m256 acc[MR][NR4], const int8_t* xq,
+                                                             int64_t K, const uint8_t* const rows[NR4],
+                                                             const float* ds, int64_t blocks) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t kb = 0; kb < blocks; kb++) {
+        __m256i xv[MR];
+        for (int a = 0; a < mc; a++) xv[a] = _mm256_loadu_si256((const __m256i*)(xq + a * K + kb * 32));
+        for (int b = 0; b < NR4; b++) {
+            __m128i v = _mm_loadu_si128((const __m128i*)(rows[b] + kb * 16));
+            __m256i wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low);
+            for (int a = 0; a < mc; a++) {
+                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xv[a]), ones);
+                acc[a][b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(ds + (a * NR4 + b) * blocks + kb),
+                                            acc[a][b]);
+            }
+        }
+    }
+}
+
+/* g: inputs per (scale, zero), a multiple of 32 dividing K. */
+void lz_linear_int4(const float* x, const uint8_t* w, const uint16_t* sz, float* y, int64_t M, int64_t N, int64_t K,
+                    int64_t g, int threads) {
+    int64_t blocks = K / 32, groups = K / g, per_group = g / 32, nblk = (N + NR4 - 1) / NR4;
+    int8_t* xq = (int8_t*)malloc(M * K + 64);
+    float* d = (float*)malloc(sizeof(float) * (M * blocks + 1));
+    float* dsum = (float*)malloc(sizeof(float) * (M * groups + 1));
+    quantize_x_q8(x, xq, d, dsum, M, K, g);
+#pragma omp parallel num_threads(threads)
+    {
+        /* per thread: the block's scales and offsets, and each (x row, weight row)'s block factors d * s */
+        float* s = (float*)malloc(sizeof(float) * NR4 * groups);
+        float* zo = (float*)malloc(sizeof(float) * NR4 * groups);
+        float* ds = (float*)malloc(sizeof(float) * MR * NR4 * blocks);
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            int64_t n0 = blk * NR4;
+            int nr = N - n0 < NR4 ? (int)(N - n0) : NR4;
+            const uint8_t* rows[NR4];
+            for (int b = 0; b < NR4; b++) {
+                int64_t n = n0 + (b < nr ? b : 0);
+                rows[b] = w + n * (K / 2);
+                int4_row_scales(sz + n * groups * 2, groups, s + b * groups, zo + b * groups);
+            }
+            for (int64_t m0 = 0; m0 < M; m0 += MR) {
+                int mc = M - m0 < MR ? (int)(M - m0) : MR;
+                __m256 acc[MR][NR4];
+                float off[MR][NR4];
+                for (int a = 0; a < mc; a++)
+                    for (int b = 0; b < NR4; b++) {
+                        acc[a][b] = _mm256_setzero_ps();
+                        off[a][b] = dot(zo + b * groups, dsum + (m0 + a) * groups, groups);
+                        float* f = ds + (a * NR4 + b) * blocks;
+                        const float* dx = d + (m0 + a) * blocks;
+                        const float* sb = s + b * groups;
+                        if (per_group == 1)
+                            for (int64_t kb = 0; kb < blocks; kb++) f[kb] = dx[kb] * sb[kb];
+                        else
+                            for (int64_t gi = 0, kb = 0; gi < groups; gi++)
+                                for (int64_t j = 0; j < per_group; j++, kb++) f[kb] = dx[kb] * sb[gi];
+                    }
+                if (mc == MR)
+                    int4_block(MR, acc, xq + m0 * K, K, rows, ds, blocks);
+                else
+                    int4_block(1, acc, xq + m0 * K, K, rows, ds, blocks);
+                for (int a = 0; a < mc; a++)
+                    for (int b = 0; b < nr; b++) y[(m0 + a) * N + n0 + b] = hsum(acc[a][b]) + off[a][b];
+            }
+        }
+        free(s);
+        free(zo);
+        free(ds);
+    }
+    free(xq);
+    free(d);
+    free(dsum);
 }

@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 linear layers for inference, on torch's CPU kernels (`model.quantize`).
+"""Weight-only int8 / int4 linear layers for inference, on llamazoo's C kernels or torch's CPU kernels (`model.quantize`).
 
 Tensors of a quantized layer P (its state_dict and a quantized folder's safetensors):
   int8  P.weight_q     int8  [out, in]           w = q * scale, q in -127..127
@@ -16,9 +16,13 @@ Kernels, chosen by measurement (AVX2 EPYC, one thread, a 22016 x 4096 weight, ba
   (fp32 ones take ~10x longer), so activations enter them as bf16 and the result is cast back.
   Where llamazoo.kernels.cpu is built (x86-64 AVX2 and a C compiler), int8 layers, per channel or
   grouped, use its `lz_linear_int8` instead ("lz8": fp32 activations, and a row's numbers independent of
-  the batch; 2 threads, 22016 x 4096 at 1 / 8 / 32 rows: 2.9 / 12.6 / 43.7 ms vs torch's 4.0 / 17.8 / 68.6).
+  the batch; 2 threads, 22016 x 4096 at 1 / 8 / 32 rows: 2.9 / 12.6 / 43.7 ms vs torch's 4.0 / 17.8 / 68.6),
+  and int4 layers with groups of a multiple of 32 its `lz_linear_int4` ("lz4": the stored codes as they are,
+  activations quantized to int8 per 32 inputs as llama.cpp's Q4_0 x Q8_0 product does, exact integer block
+  sums; 3.4 / 15.7 / 60.1 ms vs torch's 6.4 / 21.1 / 83.8 at group 32).
 At load (`prepare`) a layer takes its kernel's layout in place of the stored one, so its weight is held
-once: int8 (lz8, or torch's per channel) keeps its tensors; int4 codes are reordered into the kernel's blocked layout and
+once: int8 (lz8, or torch's per channel) and lz4 keep their codes (lz4's scale and zero become one bf16
+[out, in / g, 2] tensor); for torch's int4 kernel the codes are reordered into the kernel's blocked layout and
 scale/zero become one bf16 [in / g, out, 2] tensor; grouped int8 (Q8_0) runs as two int4 halves of the
 same bytes (q = 16 * hi + lo: hi rows with scale 16 * s, lo rows with s and zero 8 * s, outputs summed).
 state_dict() gives the stored format back (scales as the bf16 the kernel holds). Elsewhere (another
@@ -155,6 +159,8 @@ def _kernel(kernel: str, x2: torch.Tensor, codes: torch.Tensor, scale: torch.Ten
     torch's (activations cast to bf16, their vectorized type)."""
     if kernel == "lz8":
         return cpu_kernels.linear_int8(x2, codes, scale, group_size)
+    if kernel == "lz4":
+        return cpu_kernels.linear_int4(x2, codes, scale, group_size)
     x2 = x2.to(torch.bfloat16).contiguous()
     if kernel == "int8":
         return torch.ops.aten._weight_int8pack_mm(x2, codes, scale)
@@ -185,7 +191,7 @@ class WeightOnlyLinear(nn.Module):
             self.register_buffer("weight_zero", torch.empty(self.weight_scale.shape, dtype=zero_dtype or scale_dtype,
                                                             device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        self.kernel: str | None = None  # set by prepare(): lz8 | int8 | int4 | int8x2, None = dequantize per call
+        self.kernel: str | None = None  # set by prepare(): lz8 | lz4 | int8 | int4 | int8x2, None = dequantize per call
 
     @classmethod
     @torch.no_grad()
@@ -214,6 +220,8 @@ class WeightOnlyLinear(nn.Module):
             return None
         if self.bits == 8 and g % 8 == 0 and cpu_kernels.available():
             return "lz8"
+        if self.bits == 4 and g % 32 == 0 and cpu_kernels.available():
+            return "lz4"
         if self.bits == 8 and g == K and K % 8 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             return "int8"
         int4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and g in KERNEL_GROUP_SIZES and K % g == 0
@@ -234,6 +242,10 @@ class WeightOnlyLinear(nn.Module):
             self.register_buffer("_scale", scale, persistent=False)
         elif kernel == "int8":
             self.register_buffer("_scale", self.weight_scale.view(-1).to(torch.bfloat16), persistent=False)
+        elif kernel == "lz4":  # codes as stored; scale and zero as bf16 pairs [out, in / g, 2]
+            sz = torch.stack((self.weight_scale, self.weight_zero), -1).to(torch.bfloat16).contiguous()
+            self.register_buffer("_scale", sz, persistent=False)
+            del self.weight_scale, self.weight_zero
         elif kernel == "int4":
             self.weight_q = _to_int4pack(unpack_nibbles(self.weight_q))
             sz = torch.stack((self.weight_scale.t(), self.weight_zero.t()), -1).to(torch.bfloat16).contiguous()
@@ -258,6 +270,9 @@ class WeightOnlyLinear(nn.Module):
             if self.bits == 4:
                 out["weight_zero"] = self.weight_zero
             return out
+        if self.kernel == "lz4":
+            return {"weight_q": self.weight_q, "weight_scale": self._scale[..., 0].contiguous(),
+                    "weight_zero": self._scale[..., 1].contiguous()}
         sz = self._scale.transpose(0, 1)  # [rows, K/g, 2]
         codes = _from_int4pack(self.weight_q.view(-1, K // 2), sz.shape[0], K)
         if self.kernel == "int4":
@@ -283,7 +298,7 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel in ("lz8", "int8", "int4"):
+        if self.kernel in ("lz8", "lz4", "int8", "int4"):
             y = _kernel(self.kernel, x2, self.weight_q, self._scale, self.group_size)
         elif self.kernel == "int8x2":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -429,7 +444,9 @@ def prepare_quantized(model: nn.Module, release: Callable[[list[torch.Tensor]], 
         if isinstance(m, WeightOnlyLinear) and m.kernel is None:
             old = list(m.stored().values())
             m.prepare()
-            if release is not None and m.kernel not in (None, "int8", "lz8"):
+            if release is not None and m.kernel == "lz4":  # the codes stay; scale and zero were copied
+                release(old[1:])
+            elif release is not None and m.kernel not in (None, "int8", "lz8"):
                 release(old)
 
 
@@ -448,7 +465,7 @@ class FusedWeightOnly:
         self.kernel, self.group_size, self.in_features = first.kernel, first.group_size, first.in_features
         self.split = [m.out_features for m in layers]
         self.codes = torch.cat([m.weight_q for m in layers])
-        rows_first = self.kernel in ("int8", "lz8")  # scales [out(, groups)]; int4's are [groups, out, 2]
+        rows_first = self.kernel in ("int8", "lz8", "lz4")  # scales [out(, groups)(, 2)]; int4's are [groups, out, 2]
         self.scale = torch.cat([m._scale for m in layers], 0 if rows_first else 1)
         self.bias = None if all(m.bias is None for m in layers) else torch.cat(
             [m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, dtype=m.compute_dtype)
@@ -462,7 +479,7 @@ class FusedWeightOnly:
     @staticmethod
     def fusable(layers: list[nn.Module]) -> bool:
         first = layers[0]
-        return (all(isinstance(m, WeightOnlyLinear) for m in layers) and first.kernel in ("lz8", "int8", "int4")
+        return (all(isinstance(m, WeightOnlyLinear) for m in layers) and first.kernel in ("lz8", "lz4", "int8", "int4")
                 and all(m.kernel == first.kernel and m.group_size == first.group_size and m.in_features ==
                         first.in_features and m.compute_dtype == first.compute_dtype for m in layers)
                 # int4: the kernel's layout is made of blocks of 32 or 64 rows; whole blocks concatenate
