@@ -7,7 +7,7 @@ EPYC, Llama-2-7b's gate/up 22016 x 4096, ms at 1 / 8 / 32 rows): bf16 F.linear 8
 lz_linear_bf16 4.2 / 13.6 / 48.5; int8 `_weight_int8pack_mm` 4.0 / 17.8 / 68.6 vs lz_linear_int8 2.9 /
 12.6 / 43.7. int4 (`lz_linear_int4`) multiplies integers, as llama.cpp does: the activations are quantized
 to int8 per 32 inputs and each block's sum is exact (maddubs); 22016 x 4096, group 32, at 1 / 8 / 32 rows:
-3.4 / 15.7 / 60.1 ms vs torch's `_weight_int4pack_mm_for_cpu` 6.4 / 21.1 / 83.8 (a float int4 kernel that
+2.6 / 12.0 / 46.2 ms vs torch's `_weight_int4pack_mm_for_cpu` 6.4 / 21.1 / 83.8 (a float int4 kernel that
 converted each weight ran at 8.4 ms per row: not kept).
 No compiler, another CPU, or LLAMAZOO_CPU_KERNELS=0: `library()` is None and callers keep torch's kernels.
 A failed build warns once and is not retried in that process.

@@ -175,8 +175,8 @@ void lz_linear_int8(const float* x, const int8_t* w, const uint16_t* scale, floa
         int8_groups(x, w, scale, y, M, N, K, g, threads);
 }
 
-/* x [M, K] -> xq [M, K] int8, each block of 32 inputs reordered even inputs first (the order the low and
- * high nibbles of 16 weight bytes come in), d [M, K/32], and dsum [M, K/g]: the sum over a group's blocks
+/* x [M, K] -> xq [M, K] int8, reordered as the low and high nibbles of the weight bytes come in (below),
+ * d [M, K/32], and dsum [M, K/g]: the sum over a group's blocks
  * of d * (sum of the block's xq). */
 static void quantize_x_q8(const float* x, int8_t* xq, float* d, float* dsum, int64_t M, int64_t K, int64_t g) {
     int64_t blocks = K / 32, per_group = g / 32;
@@ -199,11 +199,16 @@ static void quantize_x_q8(const float* x, int8_t* xq, float* d, float* dsum, int
             __m256 idv = _mm256_set1_ps(id);
             for (int i = 0; i < 4; i++) /* round to nearest even, as torch.round */
                 _mm256_storeu_si256((__m256i*)(q + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(v[i], idv)));
-            int8_t* dst = xq + m * K + blk * 32;
+            /* in each 64 inputs (blocks A, B): A's even inputs, B's even, A's odd, B's odd; a last lone block:
+             * its even inputs, then its odd ones */
+            int8_t* base = xq + m * K + blk / 2 * 64;
+            int lone = blk == blocks - 1 && blocks % 2;
+            int8_t* even = base + (blk % 2) * 16;
+            int8_t* odd = even + (lone ? 16 : 32);
             int32_t total = 0;
             for (int j = 0; j < 16; j++) {
-                dst[j] = (int8_t)q[2 * j];
-                dst[16 + j] = (int8_t)q[2 * j + 1];
+                even[j] = (int8_t)q[2 * j];
+                odd[j] = (int8_t)q[2 * j + 1];
                 total += q[2 * j] + q[2 * j + 1];
             }
             int64_t gi = blk / per_group;
@@ -245,10 +250,33 @@ static float dot(const float* a, const float* b, int64_t n) {
  * into acc (mc a constant at each call: the compiler keeps acc in registers). */
 static inline __attribute__((always_inline)) void int4_block(const int mc, __m256 acc[MR][NR4], const int8_t* xq,
                                                              int64_t K, const uint8_t* const rows[NR4],
-                                                             const float* ds, int64_t blocks) {
+                                                             const float* ds, int64_t blocks, const uint8_t* next) {
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t kb = 0; kb < blocks; kb++) {
+    int64_t kb = 0;
+    for (; kb + 2 <= blocks; kb += 2) { /* two blocks: 32 weight bytes, one madd and one convert */
+        __m256i xlo[MR], xhi[MR];
+        for (int a = 0; a < mc; a++) {
+            xlo[a] = _mm256_loadu_si256((const __m256i*)(xq + a * K + kb * 32));
+            xhi[a] = _mm256_loadu_si256((const __m256i*)(xq + a * K + kb * 32 + 32));
+        }
+        /* the next block's rows, 256 bytes per step (they follow these in memory): 2 KB rows are too short
+         * for the hardware prefetcher to get going */
+        for (int l = 0; l < 4; l++) _mm_prefetch((const char*)(next + kb * 128 + l * 64), _MM_HINT_T0);
+        for (int b = 0; b < NR4; b++) {
+            __m256i v = _mm256_loadu_si256((const __m256i*)(rows[b] + kb * 16));
+            __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            for (int a = 0; a < mc; a++) {
+                /* 16-bit lanes: each the sum of 4 products of at most 15 * 127: no overflow */
+                __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[a]), _mm256_maddubs_epi16(hi, xhi[a]));
+                __m256i p = _mm256_madd_epi16(p16, ones); /* lanes 0-3: block kb, 4-7: block kb + 1 */
+                const float* f = ds + (a * NR4 + b) * blocks + kb;
+                __m256 fv = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(f)), _mm_broadcast_ss(f + 1), 1);
+                acc[a][b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), fv, acc[a][b]);
+            }
+        }
+    }
+    for (; kb < blocks; kb++) { /* a last lone block */
         __m256i xv[MR];
         for (int a = 0; a < mc; a++) xv[a] = _mm256_loadu_si256((const __m256i*)(xq + a * K + kb * 32));
         for (int b = 0; b < NR4; b++) {
@@ -287,6 +315,7 @@ void lz_linear_int4(const float* x, const uint8_t* w, const uint16_t* sz, float*
                 rows[b] = w + n * (K / 2);
                 int4_row_scales(sz + n * groups * 2, groups, s + b * groups, zo + b * groups);
             }
+            const uint8_t* next = w + (blk + 1 < nblk ? n0 + NR4 : n0) * (K / 2);
             for (int64_t m0 = 0; m0 < M; m0 += MR) {
                 int mc = M - m0 < MR ? (int)(M - m0) : MR;
                 __m256 acc[MR][NR4];
@@ -305,9 +334,9 @@ void lz_linear_int4(const float* x, const uint8_t* w, const uint16_t* sz, float*
                                 for (int64_t j = 0; j < per_group; j++, kb++) f[kb] = dx[kb] * sb[gi];
                     }
                 if (mc == MR)
-                    int4_block(MR, acc, xq + m0 * K, K, rows, ds, blocks);
+                    int4_block(MR, acc, xq + m0 * K, K, rows, ds, blocks, next);
                 else
-                    int4_block(1, acc, xq + m0 * K, K, rows, ds, blocks);
+                    int4_block(1, acc, xq + m0 * K, K, rows, ds, blocks, next);
                 for (int a = 0; a < mc; a++)
                     for (int b = 0; b < nr; b++) y[(m0 + a) * N + n0 + b] = hsum(acc[a][b]) + off[a][b];
             }

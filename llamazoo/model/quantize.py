@@ -19,7 +19,7 @@ Kernels, chosen by measurement (AVX2 EPYC, one thread, a 22016 x 4096 weight, ba
   the batch; 2 threads, 22016 x 4096 at 1 / 8 / 32 rows: 2.9 / 12.6 / 43.7 ms vs torch's 4.0 / 17.8 / 68.6),
   and int4 layers with groups of a multiple of 32 its `lz_linear_int4` ("lz4": the stored codes as they are,
   activations quantized to int8 per 32 inputs as llama.cpp's Q4_0 x Q8_0 product does, exact integer block
-  sums; 3.4 / 15.7 / 60.1 ms vs torch's 6.4 / 21.1 / 83.8 at group 32).
+  sums; 2.6 / 12.0 / 46.2 ms vs torch's 6.4 / 21.1 / 83.8 at group 32).
 At load (`prepare`) a layer takes its kernel's layout in place of the stored one, so its weight is held
 once: int8 (lz8, or torch's per channel) and lz4 keep their codes (lz4's scale and zero become one bf16
 [out, in / g, 2] tensor); for torch's int4 kernel the codes are reordered into the kernel's blocked layout and
