@@ -44,6 +44,41 @@ def test_bf16_kernel_equals_the_fp32_product(rows, out_f, in_f):
 
 
 @needs_kernels
+def test_bf16_kernel_rounds_its_output_as_torch_does():
+    """bf16 results are the fp32 sums rounded once, to nearest even, as `.to(torch.bfloat16)` (ties, inf, NaN)."""
+    one = 1 + 2 ** -8  # halfway between two bf16 numbers: rounds to the even one (1.0)
+    values = torch.tensor([one, 1 + 3 * 2 ** -8, -one, 2 ** -130, 3.4e38 * 1.001, float("inf"), float("nan"),
+                           0.0, -0.0, 65504.5, 1e-3, -7.77])
+    w = torch.zeros(1, 8, dtype=torch.bfloat16)
+    w[0, 0] = 1  # y = x[:, 0] exactly
+    x = torch.zeros(len(values), 8)
+    x[:, 0] = values
+    got = cpu.linear_bf16(x, w, out_dtype=torch.bfloat16)[:, 0]
+    want = values.to(torch.bfloat16)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~want.isnan()], want[~want.isnan()])
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 576, generator=g).bfloat16()
+    for x in (torch.randn(5, 576, generator=g), torch.randn(5, 576, generator=g).bfloat16()):
+        assert torch.equal(cpu.linear_bf16(x, w, out_dtype=torch.bfloat16), cpu.linear_bf16(x, w).bfloat16())
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_f", [576, 4096])  # rows of 1.1 KB (prefetching loop) and 8 KB
+def test_several_bf16_weights_in_one_call_equal_a_call_each(in_f):
+    g = torch.Generator().manual_seed(in_f)
+    ws = [torch.randn(n, in_f, generator=g).bfloat16() for n in (64, 18, 18)]  # q/k/v-like, tails of 2 rows
+    fused = cpu.MultiLinearBF16(ws)
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, in_f, generator=g).bfloat16()
+        for dtype in (torch.float32, torch.bfloat16):
+            want = torch.cat([cpu.linear_bf16(x, w, out_dtype=dtype) for w in ws], dim=-1)
+            assert torch.equal(fused(x, out_dtype=dtype), want)
+    with pytest.raises(ValueError, match="the same number of inputs"):
+        cpu.MultiLinearBF16([ws[0], torch.ones(2, 8, dtype=torch.bfloat16)])
+
+
+@needs_kernels
 @pytest.mark.parametrize("group", [None, 32])
 def test_int8_kernel_equals_the_dequantized_product(group):
     g = torch.Generator().manual_seed(1)
@@ -171,7 +206,7 @@ def test_model_linear_takes_the_bf16_kernel_for_decode_rows_only(monkeypatch):
         pytest.skip("this CPU has bf16 GEMM kernels: torch's are used")  # not this machine
     calls = []
     real = cpu.linear_bf16
-    monkeypatch.setattr(cpu, "linear_bf16", lambda x, w: calls.append(x.shape) or real(x, w))
+    monkeypatch.setattr(cpu, "linear_bf16", lambda x, w, **kw: calls.append(x.shape) or real(x, w, **kw))
     torch.manual_seed(0)
     lin = nn.Linear(64, 24, bias=True).bfloat16()
     x = torch.randn(3, 1, 64).bfloat16()
@@ -183,3 +218,34 @@ def test_model_linear_takes_the_bf16_kernel_for_decode_rows_only(monkeypatch):
     assert (y.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()  # one bf16 rounding apart
     y_grad = llama.linear(x, lin)  # autograd on: F.linear's graph
     assert len(calls) == 1 and y_grad.requires_grad
+
+
+@needs_kernels
+def test_engine_fuses_bf16_projections_through_the_kernel_with_the_same_tokens():
+    """A bf16 model where oneDNN has no bf16 kernels: q/k/v and gate/up become one C-kernel call each
+    (the weights as they are), and generation gives what the unfused layers give."""
+    from llamazoo.generation.engine import Engine
+    from llamazoo.generation.packed import FusedBF16, unpack
+    from llamazoo.io.hf import load_model
+    from llamazoo.model import llama
+
+    if not llama._slow_bf16_gemm(torch.ones(1, dtype=torch.bfloat16)):
+        pytest.skip("this CPU has bf16 GEMM kernels: oneDNN packs bf16 instead")  # not this machine
+    model = load_model("tiny", seed=0, dtype="bfloat16")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts = [[5, 9, 17, 33, 2, 8], [40, 41]]
+    plain = [r.token_ids for r in Engine(model, None, pack=False).generate_batch(prompts, 12)]
+    engine = Engine(model, None)
+    attn = model.model.layers[0].self_attn
+    assert engine.packed and isinstance(attn.fused_qkv, FusedBF16)
+    assert attn.fused_qkv.weights[0].data_ptr() == attn.q_proj.weight.data_ptr()  # not a copy
+    assert [r.token_ids for r in engine.generate_batch(prompts, 12)] == plain
+    assert [r.token_ids for r in engine.generate_batch(prompts[:1], 12)] == plain[:1]
+    x = torch.randn(3, 1, model.config.hidden_size).bfloat16()
+    with torch.inference_mode():
+        q, k, v = attn.fused_qkv(x)
+        assert torch.equal(q, llama.linear(x, attn.q_proj)) and torch.equal(v, llama.linear(x, attn.v_proj))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], weights[k]) for k in weights)
+    unpack(model)
+    assert attn.fused_qkv is None and model.model.layers[0].mlp.fused_gate_up is None

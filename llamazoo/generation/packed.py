@@ -17,7 +17,9 @@ step, which reads the plain weights.
 
 Packing sets the `packed` attribute of linear layers and the `fused_qkv` / `fused_gate_up` hooks that
 `llamazoo.model.llama` uses in eager mode; `unpack` removes them. A model with int8 / int4 layers
-(llamazoo.model.quantize) gets their fused form instead (one kernel call for q/k/v, one for gate/up).
+(llamazoo.model.quantize) gets their fused form instead (one kernel call for q/k/v, one for gate/up), and
+bf16 weights on a CPU without oneDNN bf16 kernels the same through llamazoo's C kernel (`FusedBF16`: the
+weights as they are, nothing packed).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import torch
 from torch import nn
 
 from llamazoo.io.mapped import discard_pages, release_pages, trim_heap
+from llamazoo.kernels import cpu as cpu_kernels
+from llamazoo.model.llama import UPCAST_MIN_TOKENS, _bf16_kernel_fits, _slow_bf16_gemm, linear
 from llamazoo.model.quantize import FusedWeightOnly, WeightOnlyLinear, fuse_quantized
 
 PACKABLE = (torch.float32, torch.bfloat16)
@@ -141,6 +145,46 @@ class PackedLinear:
         self.in_place = False
 
 
+class FusedBF16:
+    """q/k/v or gate/up with bf16 weights on a CPU without bf16 GEMM kernels: llamazoo's C kernel runs them
+    in one call (`MultiLinearBF16`) on the weights as they are (nothing copied or packed), for the rows it
+    serves (decode steps: fewer than UPCAST_MIN_TOKENS per sequence); prompts, autograd and any other case
+    go through `linear` per layer. Each output is the number the layer's own call gives. Measured on SmolLM2
+    bf16 (2 threads, decode ms per step at batch 1 / 8): see the README."""
+
+    def __init__(self, members: Sequence[nn.Linear]):
+        self.members = list(members)
+        self.weights = [m.weight for m in self.members]
+        self.kernel = cpu_kernels.MultiLinearBF16([w.detach() for w in self.weights])
+        self.split = [m.out_features for m in self.members]
+
+    @staticmethod
+    def fits(members: Sequence[nn.Module]) -> bool:
+        return all(type(m) is nn.Linear and m.bias is None and _slow_bf16_gemm(m.weight)
+                   and _bf16_kernel_fits(m.weight) for m in members) and len({m.in_features for m in members}) == 1
+
+    def __call__(self, x: torch.Tensor):
+        if (torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.bfloat16)
+                or (x.dim() == 3 and x.shape[1] >= UPCAST_MIN_TOKENS)
+                or any(m.weight is not w for m, w in zip(self.members, self.weights))):
+            return tuple(linear(x, m) for m in self.members)
+        return self.kernel(x, out_dtype=x.dtype).split(self.split, dim=-1)
+
+
+def fuse_bf16(model: nn.Module) -> bool:
+    """Installs FusedBF16 q/k/v and gate/up where they fit (bf16 weights, no bias, the C kernel built);
+    returns whether any was."""
+    done = False
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        for owner, attr, group in ((a, "fused_qkv", [a.q_proj, a.k_proj, a.v_proj]),
+                                   (m, "fused_gate_up", [m.gate_proj, m.up_proj])):
+            if getattr(owner, attr) is None and FusedBF16.fits(group):
+                setattr(owner, attr, FusedBF16(group))
+                done = True
+    return done
+
+
 def _sole_owner(t: torch.Tensor) -> bool:
     """Whether t is the only tensor using its memory (a fresh tensor's storage use count, or less)."""
     count = getattr(torch._C, "_storage_Use_Count", None)
@@ -231,7 +275,10 @@ def pack_for_inference(model: nn.Module, in_place: bool = True, batch_hint: int 
     if any(isinstance(m, WeightOnlyLinear) for m in model.modules()):
         return fuse_quantized(model, release_pages)  # int8 / int4 layers: their kernels, q/k/v and gate/up fused
     if can_pack(model, in_place) is not None:
-        return False
+        # bf16 where oneDNN has no bf16 kernels: q/k/v and gate/up fused through llamazoo's C kernel instead
+        fused = fuse_bf16(model)
+        model.packed_for_inference = fused
+        return fused
     # largest first: while a group is packed its plain and packed bytes are both resident, and packing the
     # big ones (the LM head) before the rest is resident keeps the peak near the weights' size
     piece = piece_bytes(model)
@@ -254,7 +301,7 @@ def unpack(model: nn.Module) -> None:
             p = mod.__dict__.get(attr)
             if isinstance(p, PackedLinear):
                 p.restore()
-            if isinstance(p, (PackedLinear, FusedWeightOnly)):
+            if isinstance(p, (PackedLinear, FusedWeightOnly, FusedBF16)):
                 if attr == "packed":
                     del mod.packed
                 else:

@@ -32,7 +32,8 @@ SOURCE = Path(__file__).with_name("cpu_linear.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {
-    "lz_linear_bf16": [_P, _P, _P, _I64, _I64, _I64, _INT],
+    "lz_linear_bf16": [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _INT],
+    "lz_linear_bf16_multi": [_P, _INT, _INT, _P, _P, _P, _INT, _I64, _I64, _INT],
     "lz_linear_int8": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
     "lz_linear_int4": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
 }
@@ -118,13 +119,52 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
 
 
-def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """fp32 x W^T for a contiguous bf16 W [N, K] (K a multiple of 8); x of any float dtype [..., K]."""
-    x2 = _rows(x)
+def _activations(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x as contiguous rows the kernels read as they are (fp32 or bf16, flag 1 for bf16)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype not in (torch.float32, torch.bfloat16):
+        x2 = x2.float()
+    return x2.contiguous(), int(x2.dtype == torch.bfloat16)
+
+
+def _out_flag(out_dtype: torch.dtype) -> int:
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the bf16 kernel writes float32 or bfloat16, not {out_dtype}")
+    return int(out_dtype == torch.bfloat16)
+
+
+def linear_bf16(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x W^T for a contiguous bf16 W [N, K] (K a multiple of 8); x of any float dtype [..., K] (fp32 and bf16
+    read directly); the fp32 sums are returned as out_dtype (bf16: rounded once, as `.to(torch.bfloat16)`)."""
+    x2, x_bf16 = _activations(x)
     N, K = w.shape
-    y = torch.empty(x2.shape[0], N, dtype=torch.float32)
-    (_library or _required()).lz_linear_bf16(x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0], N, K, torch.get_num_threads())
+    y = torch.empty(x2.shape[0], N, dtype=out_dtype)
+    (_library or _required()).lz_linear_bf16(x2.data_ptr(), x_bf16, w.data_ptr(), y.data_ptr(), _out_flag(out_dtype),
+                                             x2.shape[0], N, K, torch.get_num_threads())
     return y.view(*x.shape[:-1], N)
+
+
+class MultiLinearBF16:
+    """Several bf16 weights with the same inputs (q/k/v, gate/up) in one kernel call: one parallel loop over
+    all their rows, one output [..., sum of N] (each column the same number as a call of its own). The
+    weights are referenced, not copied."""
+
+    def __init__(self, weights: list[torch.Tensor]):
+        if not 1 <= len(weights) <= 8 or len({w.shape[1] for w in weights}) != 1:
+            raise ValueError("MultiLinearBF16: 1 to 8 weights with the same number of inputs")
+        self.weights = weights  # kept alive while the pointers below are in use
+        self.K = weights[0].shape[1]
+        self.N = sum(w.shape[0] for w in weights)
+        self._ptrs = (ctypes.c_void_p * len(weights))(*[w.data_ptr() for w in weights])
+        self._ns = (ctypes.c_int64 * len(weights))(*[w.shape[0] for w in weights])
+
+    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        x2, x_bf16 = _activations(x)
+        y = torch.empty(x2.shape[0], self.N, dtype=out_dtype)
+        (_library or _required()).lz_linear_bf16_multi(x2.data_ptr(), x_bf16, len(self.weights), self._ptrs, self._ns,
+                                                       y.data_ptr(), _out_flag(out_dtype), x2.shape[0], self.K,
+                                                       torch.get_num_threads())
+        return y.view(*x.shape[:-1], self.N)
 
 
 def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:

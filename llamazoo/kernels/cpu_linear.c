@@ -73,21 +73,55 @@ static inline __m256 load_int8x8(const int8_t* p) {
         for (int b = 0; b < nr; b++)                                           \
             y[(m0 + a) * N + n0 + b] = hsum(acc[a][b]) * (scale_row);
 
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* x as fp32 rows: x itself, or a converted copy in *buf (bf16 -> fp32 is exact). */
+static const float* fp32_rows(const void* x, int x_bf16, int64_t n, float** buf) {
+    *buf = NULL;
+    if (!x_bf16) return (const float*)x;
+    float* out = (float*)malloc(sizeof(float) * (n + 8));
+    const uint16_t* h = (const uint16_t*)x;
+    for (int64_t i = 0; i < n; i++) out[i] = bf16_to_float(h[i]);
+    *buf = out;
+    return out;
+}
+
+/* Output element (row, col) of a [M, ldy] result, fp32 or bf16. */
+#define PUT_Y(row, col, value)                                                                          \
+    do {                                                                                               \
+        if (y_bf16)                                                                                    \
+            ((uint16_t*)y)[(row) * ldy + (col)] = float_to_bf16(value);                                \
+        else                                                                                           \
+            ((float*)y)[(row) * ldy + (col)] = (value);                                                \
+    } while (0)
+
 /* Rows of at most 4 KB (SmolLM2's 576 inputs: 1.1 KB) are too short for the hardware prefetcher to get
  * going: bf16_short fetches the next block's rows (they follow these in memory) a line per step. Measured
  * (2 threads, ms at 1 / 8 rows): 30 x SmolLM2's gate+up 6.0 -> 4.5 / 12.5 -> 8.7, its LM head 2.9 -> 2.0 /
  * 6.3 -> 4.2; Llama-2-7b's gate/up (8 KB rows) is slower with it (5.3 -> 6.6 at 1 row). Two functions, not
- * a flag: a test inside the loop costs more than the prefetch gains. */
+ * a flag: a test inside the loop costs more than the prefetch gains.
+ * Several weights (q/k/v, gate/up) share one call and one parallel loop over all their blocks of rows; weight
+ * i writes columns cols[i].. of y. Each output is the same sum as in a call of its own. */
 #define BF16_KERNEL(NAME, PREFETCH)                                                                    \
-    static void NAME(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K, int threads) { \
-        int64_t blocks = (N + NR - 1) / NR;                                                            \
+    static void NAME(const float* x, int nw, const uint16_t* const* ws, const int64_t* ns, const int64_t* first, \
+                     const int64_t* cols, void* y, int y_bf16, int64_t ldy, int64_t M, int64_t K, int threads) { \
+        int64_t blocks = first[nw];                                                                    \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                              \
-        for (int64_t blk = 0; blk < blocks; blk++) {                                                   \
-            int64_t n0 = blk * NR;                                                                     \
+        for (int64_t gb = 0; gb < blocks; gb++) {                                                      \
+            int i = 0;                                                                                 \
+            while (gb >= first[i + 1]) i++;                                                            \
+            const uint16_t* w = ws[i];                                                                 \
+            int64_t N = ns[i], n0 = (gb - first[i]) * NR;                                              \
             int nr = N - n0 < NR ? (int)(N - n0) : NR;                                                 \
             const uint16_t* rows[NR];                                                                  \
             for (int b = 0; b < NR; b++) rows[b] = w + (n0 + (b < nr ? b : 0)) * K;                    \
-            const char* next = (const char*)(w + (blk + 1 < blocks ? n0 + NR : n0) * K);               \
+            const char* next = (const char*)(w + (n0 + NR < N ? n0 + NR : n0) * K);                    \
             (void)next;                                                                                \
             for (int64_t m0 = 0; m0 < M; m0 += MR) {                                                   \
                 int mc = M - m0 < MR ? (int)(M - m0) : MR;                                             \
@@ -103,7 +137,8 @@ static inline __m256 load_int8x8(const int8_t* p) {
                         FMA_ROWS(wv, b);                                                               \
                     }                                                                                  \
                 }                                                                                      \
-                STORE_Y(1.0f)                                                                          \
+                for (int a = 0; a < mc; a++)                                                           \
+                    for (int b = 0; b < nr; b++) PUT_Y(m0 + a, cols[i] + n0 + b, hsum(acc[a][b]));     \
             }                                                                                          \
         }                                                                                              \
     }
@@ -111,11 +146,30 @@ static inline __m256 load_int8x8(const int8_t* p) {
 BF16_KERNEL(bf16_long, (void)0)
 BF16_KERNEL(bf16_short, _mm_prefetch(next + k * 2 * NR, _MM_HINT_T0))
 
-void lz_linear_bf16(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+#define MAX_WEIGHTS 8
+
+/* y [M, sum of ns] = x [M, K] . [W_0; W_1; ...]^T for nw bf16 weights W_i [ns[i], K] (nw <= MAX_WEIGHTS);
+ * x fp32 or bf16 (x_bf16), y fp32 or bf16 (y_bf16: each fp32 sum rounded once). */
+void lz_linear_bf16_multi(const void* x, int x_bf16, int nw, const uint16_t* const* ws, const int64_t* ns, void* y,
+                          int y_bf16, int64_t M, int64_t K, int threads) {
+    int64_t first[MAX_WEIGHTS + 1], cols[MAX_WEIGHTS + 1];
+    first[0] = cols[0] = 0;
+    for (int i = 0; i < nw; i++) {
+        first[i + 1] = first[i] + (ns[i] + NR - 1) / NR;
+        cols[i + 1] = cols[i] + ns[i];
+    }
+    float* buf;
+    const float* xf = fp32_rows(x, x_bf16, M * K, &buf);
     if (K <= 2048)
-        bf16_short(x, w, y, M, N, K, threads);
+        bf16_short(xf, nw, ws, ns, first, cols, y, y_bf16, cols[nw], M, K, threads);
     else
-        bf16_long(x, w, y, M, N, K, threads);
+        bf16_long(xf, nw, ws, ns, first, cols, y, y_bf16, cols[nw], M, K, threads);
+    free(buf);
+}
+
+void lz_linear_bf16(const void* x, int x_bf16, const uint16_t* w, void* y, int y_bf16, int64_t M, int64_t N, int64_t K,
+                    int threads) {
+    lz_linear_bf16_multi(x, x_bf16, 1, &w, &N, y, y_bf16, M, K, threads);
 }
 
 /* One scale per row, applied to the sum. */

@@ -183,6 +183,8 @@ def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
         if x.dim() == 3 and x.shape[1] >= UPCAST_MIN_TOKENS:
             return bf16_linear_in_fp32(x, lin.weight, lin.bias)
         if _bf16_kernel_fits(lin.weight):
+            if lin.bias is None and x.dtype in (torch.float32, torch.bfloat16):
+                return cpu_kernels.linear_bf16(x, lin.weight, out_dtype=x.dtype)  # rounded in the kernel
             y = cpu_kernels.linear_bf16(x, lin.weight)
             if lin.bias is not None:
                 y += lin.bias.float()
