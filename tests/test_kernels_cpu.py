@@ -89,6 +89,10 @@ def test_int8_kernel_equals_the_dequantized_product(group):
     ref = x.double() @ w.t()
     y = cpu.linear_int8(x, q, scale, group or 96)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # bf16 activations read as their exact fp32 values, a bf16 result rounded once
+    xb = x.bfloat16()
+    assert torch.equal(cpu.linear_int8(xb, q, scale, group or 96, out_dtype=torch.bfloat16),
+                       cpu.linear_int8(xb.float(), q, scale, group or 96).bfloat16())
 
 
 def q8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +114,11 @@ def test_int4_kernel_equals_the_integer_product_of_its_blocks(rows, out_f, in_f,
     z = (torch.randn(out_f, in_f // group, generator=g) * 0.02).bfloat16()
     x = torch.randn(rows, in_f, generator=g) * torch.linspace(0.1, 4, in_f)  # blocks of different ranges
     x[0, :32] = 0  # an all-zero block (scale 0)
-    y = cpu.linear_int4(x, packed, torch.stack((s, z), -1).contiguous(), group)
+    sz = torch.stack((s, z), -1).contiguous()
+    y = cpu.linear_int4(x, packed, sz, group)
+    xb = x.bfloat16()  # bf16 activations read as their exact fp32 values, a bf16 result rounded once
+    assert torch.equal(cpu.linear_int4(xb, packed, sz, group, out_dtype=torch.bfloat16),
+                       cpu.linear_int4(xb.float(), packed, sz, group).bfloat16())
     xq, d = q8_blocks(x)
     assert xq.abs().max() <= 127
     w = (codes.double() - 8) * s.double().repeat_interleave(group, 1) + z.double().repeat_interleave(group, 1)

@@ -34,8 +34,8 @@ _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {
     "lz_linear_bf16": [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _INT],
     "lz_linear_bf16_multi": [_P, _INT, _INT, _P, _P, _P, _INT, _I64, _I64, _INT],
-    "lz_linear_int8": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
-    "lz_linear_int4": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
+    "lz_linear_int8": [_P, _INT, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _INT],
+    "lz_linear_int4": [_P, _INT, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _INT],
 }
 
 _library: ctypes.CDLL | None = None
@@ -115,10 +115,6 @@ def _required() -> ctypes.CDLL:
     return lib
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-
-
 def _activations(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """x as contiguous rows the kernels read as they are (fp32 or bf16, flag 1 for bf16)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -167,23 +163,27 @@ class MultiLinearBF16:
         return y.view(*x.shape[:-1], self.N)
 
 
-def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
-    """fp32 x W^T for W = q * scale: int8 codes q [N, K], bf16 scales [N, K / group] (group a multiple of 8)."""
-    x2 = _rows(x)
+def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x W^T for W = q * scale: int8 codes q [N, K], bf16 scales [N, K / group] (group a multiple of 8); x and
+    the result as in `linear_bf16`."""
+    x2, x_bf16 = _activations(x)
     N, K = q.shape
-    y = torch.empty(x2.shape[0], N, dtype=torch.float32)
-    (_library or _required()).lz_linear_int8(x2.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x2.shape[0], N, K, group,
-                            torch.get_num_threads())
+    y = torch.empty(x2.shape[0], N, dtype=out_dtype)
+    (_library or _required()).lz_linear_int8(x2.data_ptr(), x_bf16, q.data_ptr(), scale.data_ptr(), y.data_ptr(),
+                                             _out_flag(out_dtype), x2.shape[0], N, K, group, torch.get_num_threads())
     return y.view(*x.shape[:-1], N)
 
 
-def linear_int4(x: torch.Tensor, q: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
-    """fp32 x W^T for W = (q - 8) * s + z: packed codes q uint8 [N, K/2] (input k in byte k // 2, even k in
+def linear_int4(x: torch.Tensor, q: torch.Tensor, scale_zero: torch.Tensor, group: int,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x W^T for W = (q - 8) * s + z: packed codes q uint8 [N, K/2] (input k in byte k // 2, even k in
     the low nibble), bf16 (s, z) pairs [N, K / group, 2] (group a multiple of 32). x is quantized to int8 per
-    32 inputs inside (see cpu_linear.c), as llama.cpp runs its 4-bit formats."""
-    x2 = _rows(x)
+    32 inputs inside (see cpu_linear.c), as llama.cpp runs its 4-bit formats; x and the result as in
+    `linear_bf16`."""
+    x2, x_bf16 = _activations(x)
     N, K = q.shape[0], q.shape[1] * 2
-    y = torch.empty(x2.shape[0], N, dtype=torch.float32)
-    (_library or _required()).lz_linear_int4(x2.data_ptr(), q.data_ptr(), scale_zero.data_ptr(), y.data_ptr(), x2.shape[0], N, K,
-                            group, torch.get_num_threads())
+    y = torch.empty(x2.shape[0], N, dtype=out_dtype)
+    (_library or _required()).lz_linear_int4(x2.data_ptr(), x_bf16, q.data_ptr(), scale_zero.data_ptr(), y.data_ptr(),
+                                             _out_flag(out_dtype), x2.shape[0], N, K, group, torch.get_num_threads())
     return y.view(*x.shape[:-1], N)

@@ -70,8 +70,7 @@ static inline __m256 load_int8x8(const int8_t* p) {
 
 #define STORE_Y(scale_row)                                                     \
     for (int a = 0; a < mc; a++)                                               \
-        for (int b = 0; b < nr; b++)                                           \
-            y[(m0 + a) * N + n0 + b] = hsum(acc[a][b]) * (scale_row);
+        for (int b = 0; b < nr; b++) PUT_Y(m0 + a, n0 + b, hsum(acc[a][b]) * (scale_row));
 
 static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
     uint32_t u;
@@ -173,8 +172,8 @@ void lz_linear_bf16(const void* x, int x_bf16, const uint16_t* w, void* y, int y
 }
 
 /* One scale per row, applied to the sum. */
-static void int8_rows(const float* x, const int8_t* w, const uint16_t* scale, float* y, int64_t M, int64_t N,
-                      int64_t K, int threads) {
+static void int8_rows(const float* x, const int8_t* w, const uint16_t* scale, void* y, int y_bf16, int64_t M, int64_t N,
+                      int64_t K, int64_t ldy, int threads) {
     int64_t blocks = (N + NR - 1) / NR;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
@@ -197,14 +196,14 @@ static void int8_rows(const float* x, const int8_t* w, const uint16_t* scale, fl
             }
             for (int a = 0; a < mc; a++)
                 for (int b = 0; b < nr; b++)
-                    y[(m0 + a) * N + n0 + b] = hsum(acc[a][b]) * bf16_to_float(scale[n0 + b]);
+                    PUT_Y(m0 + a, n0 + b, hsum(acc[a][b]) * bf16_to_float(scale[n0 + b]));
         }
     }
 }
 
 /* One scale per g inputs of a row: each weight scaled as it is loaded. */
-static void int8_groups(const float* x, const int8_t* w, const uint16_t* scale, float* y, int64_t M, int64_t N,
-                        int64_t K, int64_t g, int threads) {
+static void int8_groups(const float* x, const int8_t* w, const uint16_t* scale, void* y, int y_bf16, int64_t M, int64_t N,
+                        int64_t K, int64_t g, int64_t ldy, int threads) {
     int64_t blocks = (N + NR - 1) / NR, groups = K / g;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
@@ -239,13 +238,17 @@ static void int8_groups(const float* x, const int8_t* w, const uint16_t* scale, 
     }
 }
 
-/* g: inputs per scale, a multiple of 8 (g = K: one scale per row). */
-void lz_linear_int8(const float* x, const int8_t* w, const uint16_t* scale, float* y, int64_t M, int64_t N, int64_t K,
-                    int64_t g, int threads) {
+/* g: inputs per scale, a multiple of 8 (g = K: one scale per row); x fp32 or bf16, y fp32 or bf16. */
+void lz_linear_int8(const void* x, int x_bf16, const int8_t* w, const uint16_t* scale, void* y, int y_bf16, int64_t M,
+                    int64_t N, int64_t K, int64_t g, int threads) {
+    const int64_t ldy = N;
+    float* buf;
+    const float* xf = fp32_rows(x, x_bf16, M * K, &buf);
     if (g == K)
-        int8_rows(x, w, scale, y, M, N, K, threads);
+        int8_rows(xf, w, scale, y, y_bf16, M, N, K, ldy, threads);
     else
-        int8_groups(x, w, scale, y, M, N, K, g, threads);
+        int8_groups(xf, w, scale, y, y_bf16, M, N, K, g, ldy, threads);
+    free(buf);
 }
 
 /* x [M, K] -> xq [M, K] int8, reordered as the low and high nibbles of the weight bytes come in (below),
@@ -365,8 +368,11 @@ static inline __attribute__((always_inline)) void int4_block(const int mc, __m25
 }
 
 /* g: inputs per (scale, zero), a multiple of 32 dividing K. */
-void lz_linear_int4(const float* x, const uint8_t* w, const uint16_t* sz, float* y, int64_t M, int64_t N, int64_t K,
-                    int64_t g, int threads) {
+void lz_linear_int4(const void* x_in, int x_bf16, const uint8_t* w, const uint16_t* sz, void* y, int y_bf16, int64_t M,
+                    int64_t N, int64_t K, int64_t g, int threads) {
+    const int64_t ldy = N;
+    float* buf;
+    const float* x = fp32_rows(x_in, x_bf16, M * K, &buf);
     int64_t blocks = K / 32, groups = K / g, per_group = g / 32, nblk = (N + NR4 - 1) / NR4;
     int8_t* xq = (int8_t*)malloc(M * K + 64);
     float* d = (float*)malloc(sizeof(float) * (M * blocks + 1));
@@ -411,7 +417,7 @@ void lz_linear_int4(const float* x, const uint8_t* w, const uint16_t* sz, float*
                 else
                     int4_block(1, acc, xq + m0 * K, K, rows, ds, blocks, next);
                 for (int a = 0; a < mc; a++)
-                    for (int b = 0; b < nr; b++) y[(m0 + a) * N + n0 + b] = hsum(acc[a][b]) + off[a][b];
+                    for (int b = 0; b < nr; b++) PUT_Y(m0 + a, n0 + b, hsum(acc[a][b]) + off[a][b]);
             }
         }
         free(s);
@@ -421,4 +427,5 @@ void lz_linear_int4(const float* x, const uint8_t* w, const uint16_t* sz, float*
     free(xq);
     free(d);
     free(dsum);
+    free(buf);
 }

@@ -155,12 +155,12 @@ def dequantize(stored: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _kernel(kernel: str, x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
-    """One int8 / int4 kernel call on 2-D activations: llamazoo's (fp32 activations, fp32 result) or
-    torch's (activations cast to bf16, their vectorized type)."""
-    if kernel == "lz8":
-        return cpu_kernels.linear_int8(x2, codes, scale, group_size)
-    if kernel == "lz4":
-        return cpu_kernels.linear_int4(x2, codes, scale, group_size)
+    """One int8 / int4 kernel call on 2-D activations: llamazoo's (fp32 or bf16 activations read as they are,
+    fp32 sums returned in their dtype) or torch's (activations cast to bf16, their vectorized type)."""
+    if kernel in ("lz8", "lz4"):
+        out = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        run = cpu_kernels.linear_int8 if kernel == "lz8" else cpu_kernels.linear_int4
+        return run(x2, codes, scale, group_size, out_dtype=out)
     x2 = x2.to(torch.bfloat16).contiguous()
     if kernel == "int8":
         return torch.ops.aten._weight_int8pack_mm(x2, codes, scale)
