@@ -202,10 +202,10 @@ def test_packed_projections_compute_the_same_logits(tmp_path, dtype, batch_hint)
         ref = [model(x) for x in (ids, *steps)]
         assert pack_for_inference(model, batch_hint=batch_hint)
         if avx2_bf16:
-            from llamazoo.generation.packed import FusedBF16
+            from llamazoo.generation.packed import KernelLinear
 
             layer = model.model.layers[0]
-            assert layer.self_attn.fused_qkv is None and isinstance(layer.mlp.fused_gate_up, FusedBF16)
+            assert layer.self_attn.fused_qkv is None and isinstance(layer.mlp.fused_gate_up, KernelLinear)
         got = [model(x) for x in (ids, *steps)]
         unpack(model)
         again = [model(x) for x in (ids, *steps)]

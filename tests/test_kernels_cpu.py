@@ -68,14 +68,14 @@ def test_bf16_kernel_rounds_its_output_as_torch_does():
 def test_several_bf16_weights_in_one_call_equal_a_call_each(in_f):
     g = torch.Generator().manual_seed(in_f)
     ws = [torch.randn(n, in_f, generator=g).bfloat16() for n in (64, 18, 18)]  # q/k/v-like, tails of 2 rows
-    fused = cpu.MultiLinearBF16(ws)
+    fused = cpu.MultiLinear(ws)
     for rows in (1, 3, 8):
         x = torch.randn(rows, in_f, generator=g).bfloat16()
         for dtype in (torch.float32, torch.bfloat16):
             want = torch.cat([cpu.linear_bf16(x, w, out_dtype=dtype) for w in ws], dim=-1)
             assert torch.equal(fused(x, out_dtype=dtype), want)
-    with pytest.raises(ValueError, match="the same number of inputs"):
-        cpu.MultiLinearBF16([ws[0], torch.ones(2, 8, dtype=torch.bfloat16)])
+    with pytest.raises(ValueError, match="with the same number of inputs"):
+        cpu.MultiLinear([ws[0], torch.ones(2, 8, dtype=torch.bfloat16)])
 
 
 @needs_kernels
@@ -233,7 +233,7 @@ def test_engine_fuses_bf16_projections_through_the_kernel_with_the_same_tokens()
     """A bf16 model where oneDNN has no bf16 kernels: q/k/v and gate/up become one C-kernel call each
     (the weights as they are), and generation gives what the unfused layers give."""
     from llamazoo.generation.engine import Engine
-    from llamazoo.generation.packed import FusedBF16, unpack
+    from llamazoo.generation.packed import KernelLinear, unpack
     from llamazoo.io.hf import load_model
     from llamazoo.model import llama
 
@@ -245,7 +245,7 @@ def test_engine_fuses_bf16_projections_through_the_kernel_with_the_same_tokens()
     plain = [r.token_ids for r in Engine(model, None, pack=False).generate_batch(prompts, 12)]
     engine = Engine(model, None)
     attn = model.model.layers[0].self_attn
-    assert engine.packed and isinstance(attn.fused_qkv, FusedBF16)
+    assert engine.packed and isinstance(attn.fused_qkv, KernelLinear)
     assert attn.fused_qkv.weights[0].data_ptr() == attn.q_proj.weight.data_ptr()  # not a copy
     assert [r.token_ids for r in engine.generate_batch(prompts, 12)] == plain
     assert [r.token_ids for r in engine.generate_batch(prompts[:1], 12)] == plain[:1]
@@ -257,3 +257,36 @@ def test_engine_fuses_bf16_projections_through_the_kernel_with_the_same_tokens()
     assert all(torch.equal(after[k], weights[k]) for k in weights)
     unpack(model)
     assert attn.fused_qkv is None and model.model.layers[0].mlp.fused_gate_up is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("tie", [False, True])
+def test_fp32_batched_decoding_runs_every_projection_through_the_kernel(tie):
+    """Engines packed for batches (generate batches, serve) on fp32 weights: every projection and the LM head
+    (tied or not: nothing copied) through the C kernel, the unpacked model's tokens, a row's numbers the same
+    alone and in a batch (so serve needs no scratch row), state_dict untouched."""
+    from llamazoo.generation.engine import Engine, SlotCache
+    from llamazoo.generation.packed import BATCHED_HINT, KernelLinear, unpack
+    from llamazoo.io.hf import random_model
+    from llamazoo.model.llama import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=tie)
+    model = random_model(cfg, seed=0)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts = [[5, 9, 17, 33, 2, 8], [40, 41], [7] * 20]
+    plain = [r.token_ids for r in Engine(model, None, pack=False).generate_batch(prompts, 10)]
+    engine = Engine(model, None, pack_batch_hint=BATCHED_HINT)
+    layer = model.model.layers[1]
+    for kernel in (layer.self_attn.fused_qkv, layer.mlp.fused_gate_up, layer.self_attn.o_proj.packed,
+                   layer.mlp.down_proj.packed, model.lm_head.packed):
+        assert isinstance(kernel, KernelLinear)
+    assert model.lm_head.packed.weights[0].data_ptr() == model.lm_head.weight.data_ptr()  # not a copy
+    assert (model.model.embed_tokens.weight is model.lm_head.weight) == tie
+    assert [r.token_ids for r in engine.generate_batch(prompts, 10)] == plain
+    assert SlotCache(engine, 4, 64).min_rows == 1
+    after = model.state_dict()  # unpacks first
+    assert all(torch.equal(after[k], weights[k]) for k in weights)
+    assert layer.self_attn.fused_qkv is None and "packed" not in model.lm_head.__dict__
+    unpack(model)

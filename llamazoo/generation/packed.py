@@ -18,19 +18,21 @@ step, which reads the plain weights.
 Packing sets the `packed` attribute of linear layers and the `fused_qkv` / `fused_gate_up` hooks that
 `llamazoo.model.llama` uses in eager mode; `unpack` removes them. A model with int8 / int4 layers
 (llamazoo.model.quantize) gets their fused form instead (one kernel call for q/k/v, one for gate/up), and
-bf16 weights on a CPU without oneDNN bf16 kernels the same through llamazoo's C kernel (`FusedBF16`: the
-weights as they are, nothing packed).
+bf16 weights on a CPU without oneDNN bf16 kernels the same through llamazoo's C kernel (`KernelLinear`: the
+weights as they are, nothing packed); fp32 weights packed for batched decoding (batch_hint 2..BATCHED_HINT:
+generate batches, serve) take that kernel for every projection and the LM head instead of oneDNN's layout.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llamazoo.io.mapped import discard_pages, release_pages, trim_heap
 from llamazoo.kernels import cpu as cpu_kernels
-from llamazoo.model.llama import UPCAST_MIN_TOKENS, _bf16_kernel_fits, _slow_bf16_gemm, linear
+from llamazoo.model.llama import UPCAST_MIN_TOKENS, _slow_bf16_gemm, linear
 from llamazoo.model.quantize import FusedWeightOnly, WeightOnlyLinear, fuse_quantized
 
 PACKABLE = (torch.float32, torch.bfloat16)
@@ -145,43 +147,56 @@ class PackedLinear:
         self.in_place = False
 
 
-class FusedBF16:
-    """q/k/v or gate/up with bf16 weights on a CPU without bf16 GEMM kernels: llamazoo's C kernel runs them
-    in one call (`MultiLinearBF16`) on the weights as they are (nothing copied or packed), for the rows it
-    serves (decode steps: fewer than UPCAST_MIN_TOKENS per sequence); prompts, autograd and any other case
-    go through `linear` per layer. Each output is the number the layer's own call gives. Measured on SmolLM2
-    bf16 (2 threads, decode ms per step at batch 1 / 8): see the README."""
+class KernelLinear:
+    """Linear layers through llamazoo's C kernel (`MultiLinear`) on their weights as they are (nothing copied
+    or packed), for the rows it serves: decode steps (fewer than UPCAST_MIN_TOKENS tokens per sequence).
+    Several members (q/k/v, gate/up) run in one call and come back as a tuple (`fused_qkv`, `fused_gate_up`);
+    one member is a layer's `packed` and gives a tensor. Prompts, autograd and any other case take the
+    layer's usual path. Each output is the number the member's own kernel call gives, whatever the batch.
+    Used for bf16 weights where oneDNN has no bf16 kernels (AVX2), and for fp32 batched decoding (generate
+    batches, serve), where the kernel beats oneDNN's packed weights at a few rows (see cpu_linear.c)."""
 
     def __init__(self, members: Sequence[nn.Linear]):
         self.members = list(members)
         self.weights = [m.weight for m in self.members]
-        self.kernel = cpu_kernels.MultiLinearBF16([w.detach() for w in self.weights])
+        self.kernel = cpu_kernels.MultiLinear([w.detach() for w in self.weights])
         self.split = [m.out_features for m in self.members]
 
     @staticmethod
-    def fits(members: Sequence[nn.Module]) -> bool:
-        return all(type(m) is nn.Linear and m.bias is None and _slow_bf16_gemm(m.weight)
-                   and _bf16_kernel_fits(m.weight) for m in members) and len({m.in_features for m in members}) == 1
+    def fits(members: Sequence[nn.Module], dtype: torch.dtype) -> bool:
+        def one(m: nn.Module) -> bool:
+            w = m.weight
+            return (type(m) is nn.Linear and m.bias is None and w.dtype == dtype and w.device.type == "cpu"
+                    and type(w) is nn.Parameter and w.is_contiguous() and w.shape[1] % 8 == 0
+                    and (dtype == torch.float32 or _slow_bf16_gemm(w)))
+        return (cpu_kernels.available() and all(one(m) for m in members)
+                and len({m.in_features for m in members}) == 1)
+
+    def _plain(self, x: torch.Tensor):
+        if len(self.members) > 1:
+            return tuple(linear(x, m) for m in self.members)
+        m = self.members[0]
+        return F.linear(x, m.weight, m.bias)
 
     def __call__(self, x: torch.Tensor):
-        if (torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.bfloat16)
+        if (torch.is_grad_enabled() or x.dtype not in (torch.float32, self.kernel.dtype)
                 or (x.dim() == 3 and x.shape[1] >= UPCAST_MIN_TOKENS)
                 or any(m.weight is not w for m, w in zip(self.members, self.weights))):
-            return tuple(linear(x, m) for m in self.members)
-        return self.kernel(x, out_dtype=x.dtype).split(self.split, dim=-1)
+            return self._plain(x)
+        y = self.kernel(x, out_dtype=x.dtype)
+        return y.split(self.split, dim=-1) if len(self.members) > 1 else y
 
 
-def fuse_bf16(model: nn.Module) -> bool:
-    """Installs FusedBF16 q/k/v and gate/up where they fit (bf16 weights, no bias, the C kernel built);
-    returns whether any was."""
+def install_kernels(model: nn.Module, dtype: torch.dtype, singles: bool) -> bool:
+    """KernelLinear q/k/v and gate/up (and with `singles` o_proj, down_proj and the LM head, tied or not:
+    nothing is copied) where they fit; returns whether any was installed."""
     done = False
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        for owner, attr, group in ((a, "fused_qkv", [a.q_proj, a.k_proj, a.v_proj]),
-                                   (m, "fused_gate_up", [m.gate_proj, m.up_proj])):
-            if getattr(owner, attr) is None and FusedBF16.fits(group):
-                setattr(owner, attr, FusedBF16(group))
-                done = True
+    for owner, attr, group in _groups(model, tied_head=True):
+        if not singles and attr == "packed":
+            continue
+        if owner.__dict__.get(attr) is None and KernelLinear.fits(group, dtype):
+            setattr(owner, attr, KernelLinear(group))
+            done = True
     return done
 
 
@@ -208,14 +223,14 @@ def linear_bytes(model: nn.Module) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def _groups(model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Module]]]:
-    """(owner, attribute, layers) of every group packed into one matrix."""
+def _groups(model: nn.Module, tied_head: bool = False) -> list[tuple[nn.Module, str, list[nn.Module]]]:
+    """(owner, attribute, layers) of every group packed into one matrix (a tied LM head only if asked)."""
     out = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         out += [(a, "fused_qkv", [a.q_proj, a.k_proj, a.v_proj]), (m, "fused_gate_up", [m.gate_proj, m.up_proj]),
                 (a.o_proj, "packed", [a.o_proj]), (m.down_proj, "packed", [m.down_proj])]
-    if model.lm_head.weight is not model.model.embed_tokens.weight:  # a tied head stays plain: lookups need it
+    if tied_head or model.lm_head.weight is not model.model.embed_tokens.weight:  # oneDNN: a tied head stays plain
         out.append((model.lm_head, "packed", [model.lm_head]))
     return out
 
@@ -274,11 +289,18 @@ def pack_for_inference(model: nn.Module, in_place: bool = True, batch_hint: int 
         unpack(model)  # plain weights wanted beside the packed ones
     if any(isinstance(m, WeightOnlyLinear) for m in model.modules()):
         return fuse_quantized(model, release_pages)  # int8 / int4 layers: their kernels, q/k/v and gate/up fused
+    dtype = model.lm_head.weight.dtype
+    if dtype == torch.float32 and 1 < batch_hint <= BATCHED_HINT and in_place and install_kernels(model, dtype, True):
+        # fp32 batched decoding: llamazoo's C kernel on the plain weights (faster than oneDNN at a few rows)
+        _mark_installed(model)
+        return True
     if can_pack(model, in_place) is not None:
         # bf16 where oneDNN has no bf16 kernels: q/k/v and gate/up fused through llamazoo's C kernel instead
-        fused = fuse_bf16(model)
-        model.packed_for_inference = fused
-        return fused
+        # (single layers take it in llamazoo.model.llama.linear)
+        if dtype == torch.bfloat16 and install_kernels(model, dtype, False):
+            _mark_installed(model)
+            return True
+        return False
     # largest first: while a group is packed its plain and packed bytes are both resident, and packing the
     # big ones (the LM head) before the rest is resident keeps the peak near the weights' size
     piece = piece_bytes(model)
@@ -293,6 +315,12 @@ def pack_for_inference(model: nn.Module, in_place: bool = True, batch_hint: int 
     return True
 
 
+def _mark_installed(model: nn.Module) -> None:
+    model.packed_for_inference = True
+    if not hasattr(model, "_unpack_hook"):  # state_dict() and training see plain modules again
+        model._unpack_hook = model.register_state_dict_pre_hook(_unpack_before_state_dict)
+
+
 @torch.no_grad()
 def unpack(model: nn.Module) -> None:
     """Back to the plain modules and weights (e.g. before training or saving the weights again)."""
@@ -301,7 +329,7 @@ def unpack(model: nn.Module) -> None:
             p = mod.__dict__.get(attr)
             if isinstance(p, PackedLinear):
                 p.restore()
-            if isinstance(p, (PackedLinear, FusedWeightOnly, FusedBF16)):
+            if isinstance(p, (PackedLinear, FusedWeightOnly, KernelLinear)):
                 if attr == "packed":
                     del mod.packed
                 else:

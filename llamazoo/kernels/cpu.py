@@ -34,6 +34,7 @@ _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {
     "lz_linear_bf16": [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _INT],
     "lz_linear_bf16_multi": [_P, _INT, _INT, _P, _P, _P, _INT, _I64, _I64, _INT],
+    "lz_linear_f32_multi": [_P, _INT, _P, _P, _P, _I64, _I64, _INT],
     "lz_linear_int8": [_P, _INT, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _INT],
     "lz_linear_int4": [_P, _INT, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _INT],
 }
@@ -140,26 +141,40 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch
     return y.view(*x.shape[:-1], N)
 
 
-class MultiLinearBF16:
-    """Several bf16 weights with the same inputs (q/k/v, gate/up) in one kernel call: one parallel loop over
-    all their rows, one output [..., sum of N] (each column the same number as a call of its own). The
-    weights are referenced, not copied."""
+class MultiLinear:
+    """Several weights of one dtype (bf16, or fp32) with the same inputs (q/k/v, gate/up; or one) in one kernel
+    call: one parallel loop over all their rows, one output [..., sum of N] (each column the same number as
+    a call of its own). The weights are referenced, not copied. bf16 weights read fp32 or bf16 activations
+    and write either; fp32 weights take and give fp32."""
 
     def __init__(self, weights: list[torch.Tensor]):
         if not 1 <= len(weights) <= 8 or len({w.shape[1] for w in weights}) != 1:
-            raise ValueError("MultiLinearBF16: 1 to 8 weights with the same number of inputs")
+            raise ValueError("MultiLinear: 1 to 8 weights with the same number of inputs")
+        dtypes = {w.dtype for w in weights}
+        if len(dtypes) != 1 or dtypes & {torch.bfloat16, torch.float32} != dtypes:
+            raise ValueError(f"MultiLinear: weights of one dtype, bfloat16 or float32 (got {sorted(map(str, dtypes))})")
+        if any(not w.is_contiguous() or w.shape[1] % 8 for w in weights):
+            raise ValueError("MultiLinear: contiguous weights with a multiple of 8 inputs")
         self.weights = weights  # kept alive while the pointers below are in use
+        self.dtype = weights[0].dtype
         self.K = weights[0].shape[1]
         self.N = sum(w.shape[0] for w in weights)
         self._ptrs = (ctypes.c_void_p * len(weights))(*[w.data_ptr() for w in weights])
         self._ns = (ctypes.c_int64 * len(weights))(*[w.shape[0] for w in weights])
 
     def __call__(self, x: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        x2, x_bf16 = _activations(x)
-        y = torch.empty(x2.shape[0], self.N, dtype=out_dtype)
-        (_library or _required()).lz_linear_bf16_multi(x2.data_ptr(), x_bf16, len(self.weights), self._ptrs, self._ns,
-                                                       y.data_ptr(), _out_flag(out_dtype), x2.shape[0], self.K,
-                                                       torch.get_num_threads())
+        lib = _library or _required()
+        if self.dtype == torch.float32:
+            x2 = x.reshape(-1, self.K).to(torch.float32).contiguous()
+            y = torch.empty(x2.shape[0], self.N, dtype=torch.float32)
+            lib.lz_linear_f32_multi(x2.data_ptr(), len(self.weights), self._ptrs, self._ns, y.data_ptr(), x2.shape[0],
+                                    self.K, torch.get_num_threads())
+            y = y if out_dtype == torch.float32 else y.to(out_dtype)
+        else:
+            x2, x_bf16 = _activations(x)
+            y = torch.empty(x2.shape[0], self.N, dtype=out_dtype)
+            lib.lz_linear_bf16_multi(x2.data_ptr(), x_bf16, len(self.weights), self._ptrs, self._ns, y.data_ptr(),
+                                     _out_flag(out_dtype), x2.shape[0], self.K, torch.get_num_threads())
         return y.view(*x.shape[:-1], self.N)
 
 
