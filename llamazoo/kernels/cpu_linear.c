@@ -1,4 +1,4 @@
-/* y[M,N] = x[M,K] . W[N,K]^T for small M on x86-64 CPUs with AVX2 and FMA, W held as bf16 or int8.
+/* y[M,N] = x[M,K] . W[N,K]^T for small M on x86-64 CPUs with AVX2 and FMA, W held as bf16, fp32, int8 or int4.
  *
  * Why these exist: on CPUs without bf16 GEMM instructions (AVX2, no AVX512-BF16/AMX) torch's bf16 matmul
  * costs about one matrix-vector product per row, and the int8 weight-only kernel converts at well
@@ -100,25 +100,27 @@ static const float* fp32_rows(const void* x, int x_bf16, int64_t n, float** buf)
             ((float*)y)[(row) * ldy + (col)] = (value);                                                \
     } while (0)
 
-/* Rows of at most 4 KB (SmolLM2's 576 inputs: 1.1 KB) are too short for the hardware prefetcher to get
- * going: bf16_short fetches the next block's rows (they follow these in memory) a line per step. Measured
- * (2 threads, ms at 1 / 8 rows): 30 x SmolLM2's gate+up 6.0 -> 4.5 / 12.5 -> 8.7, its LM head 2.9 -> 2.0 /
- * 6.3 -> 4.2; Llama-2-7b's gate/up (8 KB rows) is slower with it (5.3 -> 6.6 at 1 row). Two functions, not
- * a flag: a test inside the loop costs more than the prefetch gains.
- * Several weights (q/k/v, gate/up) share one call and one parallel loop over all their blocks of rows; weight
- * i writes columns cols[i].. of y. Each output is the same sum as in a call of its own. */
-#define BF16_KERNEL(NAME, PREFETCH)                                                                    \
-    static void NAME(const float* x, int nw, const uint16_t* const* ws, const int64_t* ns, const int64_t* first, \
+/* The tile loop of the bf16 and fp32 kernels: one parallel loop over the blocks of NR rows of nw weights
+ * (q/k/v, gate/up share a call); weight i writes columns cols[i].. of y, each output one sum in the same
+ * order as in a call of its own. WTYPE / LOAD: the weight element and its 8-lane fp32 loader.
+ * Rows of at most 4 KB (SmolLM2's 576 inputs: 1.1 KB) are too short for the hardware prefetcher to get
+ * going: the *_short variants fetch the next block's rows (they follow these in memory) as they go.
+ * Measured (2 threads, ms at 1 / 8 rows): bf16, 30 x SmolLM2's gate+up 6.0 -> 4.5 / 12.5 -> 8.7, its LM
+ * head 2.9 -> 2.0 / 6.3 -> 4.2, but Llama-2-7b's gate/up (8 KB rows) 5.3 -> 6.6 at 1 row; int8 per channel,
+ * SmolLM2's gate+up at 1 row 5.4 -> 2.7, its LM head 1.5 -> 1.1, but at 8 rows slower (7b's down 5.8 ->
+ * 8.6). Two functions, not a flag: a test inside the loop costs more than the prefetch gains. */
+#define TILE_KERNEL(NAME, WTYPE, LOAD, PREFETCH)                                            \
+    static void NAME(const float* x, int nw, const void* const* ws, const int64_t* ns, const int64_t* first, \
                      const int64_t* cols, void* y, int y_bf16, int64_t ldy, int64_t M, int64_t K, int threads) { \
         int64_t blocks = first[nw];                                                                    \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                              \
         for (int64_t gb = 0; gb < blocks; gb++) {                                                      \
             int i = 0;                                                                                 \
             while (gb >= first[i + 1]) i++;                                                            \
-            const uint16_t* w = ws[i];                                                                 \
+            const WTYPE* w = (const WTYPE*)ws[i];                                                      \
             int64_t N = ns[i], n0 = (gb - first[i]) * NR;                                              \
             int nr = N - n0 < NR ? (int)(N - n0) : NR;                                                 \
-            const uint16_t* rows[NR];                                                                  \
+            const WTYPE* rows[NR];                                                                     \
             for (int b = 0; b < NR; b++) rows[b] = w + (n0 + (b < nr ? b : 0)) * K;                    \
             const char* next = (const char*)(w + (n0 + NR < N ? n0 + NR : n0) * K);                    \
             (void)next;                                                                                \
@@ -132,7 +134,7 @@ static const float* fp32_rows(const void* x, int x_bf16, int64_t n, float** buf)
                     LOAD_X(xs, K, k);                                                                  \
                     PREFETCH;                                                                          \
                     for (int b = 0; b < NR; b++) {                                                     \
-                        __m256 wv = load_bf16x8(rows[b] + k);                                          \
+                        __m256 wv = LOAD(rows[b] + k);                                                 \
                         FMA_ROWS(wv, b);                                                               \
                     }                                                                                  \
                 }                                                                                      \
@@ -142,55 +144,29 @@ static const float* fp32_rows(const void* x, int x_bf16, int64_t n, float** buf)
         }                                                                                              \
     }
 
-BF16_KERNEL(bf16_long, (void)0)
-BF16_KERNEL(bf16_short, _mm_prefetch(next + k * 2 * NR, _MM_HINT_T0))
-
-/* fp32 weights, for batched decoding (fp32 x, fp32 y): the same loop on 8 fp32 lanes per load. oneDNN's
- * packed fp32 weights are as fast at one row, but at 8 rows (2 threads, ms) Llama-2-7b's gate/up 23.0 -> 16.9,
- * its down 13.4 -> 8.1, SmolLM2's LM head 8.1 -> 6.8; and the weights stay as they are. */
-static void f32_blocks(const float* x, int nw, const float* const* ws, const int64_t* ns, const int64_t* first,
-                       const int64_t* cols, float* y, int64_t ldy, int64_t M, int64_t K, int threads) {
-    int64_t blocks = first[nw];
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t gb = 0; gb < blocks; gb++) {
-        int i = 0;
-        while (gb >= first[i + 1]) i++;
-        const float* w = ws[i];
-        int64_t N = ns[i], n0 = (gb - first[i]) * NR;
-        int nr = N - n0 < NR ? (int)(N - n0) : NR;
-        const float* rows[NR];
-        for (int b = 0; b < NR; b++) rows[b] = w + (n0 + (b < nr ? b : 0)) * K;
-        for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            int mc = M - m0 < MR ? (int)(M - m0) : MR;
-            const float* xs = x + m0 * K;
-            __m256 acc[MR][NR], xv[MR];
-            for (int a = 0; a < MR; a++)
-                for (int b = 0; b < NR; b++) acc[a][b] = _mm256_setzero_ps();
-            for (int64_t k = 0; k < K; k += 8) {
-                LOAD_X(xs, K, k);
-                for (int b = 0; b < NR; b++) {
-                    __m256 wv = _mm256_loadu_ps(rows[b] + k);
-                    FMA_ROWS(wv, b);
-                }
-            }
-            for (int a = 0; a < mc; a++)
-                for (int b = 0; b < nr; b++) y[(m0 + a) * ldy + cols[i] + n0 + b] = hsum(acc[a][b]);
-        }
-    }
-}
+TILE_KERNEL(bf16_long, uint16_t, load_bf16x8, (void)0)
+TILE_KERNEL(bf16_short, uint16_t, load_bf16x8, _mm_prefetch(next + k * 2 * NR, _MM_HINT_T0))
+/* fp32 weights, for batched decoding: oneDNN's packed fp32 weights are as fast at one row, but at 8 rows
+ * (2 threads, ms) Llama-2-7b's gate/up 23.0 -> 16.9, its down 13.4 -> 8.1, SmolLM2's LM head 8.1 -> 6.8. */
+TILE_KERNEL(f32_rows, float, _mm256_loadu_ps, (void)0)
 
 #define MAX_WEIGHTS 8
 
-/* y [M, sum of ns] = x [M, K] . [W_0; W_1; ...]^T for nw bf16 weights W_i [ns[i], K] (nw <= MAX_WEIGHTS);
- * x fp32 or bf16 (x_bf16), y fp32 or bf16 (y_bf16: each fp32 sum rounded once). */
-void lz_linear_bf16_multi(const void* x, int x_bf16, int nw, const uint16_t* const* ws, const int64_t* ns, void* y,
-                          int y_bf16, int64_t M, int64_t K, int threads) {
-    int64_t first[MAX_WEIGHTS + 1], cols[MAX_WEIGHTS + 1];
+/* first[i]: weight i's first block of rows; cols[i]: its first output column (both nw + 1 long). */
+static void layout(int nw, const int64_t* ns, int64_t* first, int64_t* cols) {
     first[0] = cols[0] = 0;
     for (int i = 0; i < nw; i++) {
         first[i + 1] = first[i] + (ns[i] + NR - 1) / NR;
         cols[i + 1] = cols[i] + ns[i];
     }
+}
+
+/* y [M, sum of ns] = x [M, K] . [W_0; W_1; ...]^T for nw bf16 weights W_i [ns[i], K] (nw <= MAX_WEIGHTS);
+ * x fp32 or bf16 (x_bf16), y fp32 or bf16 (y_bf16: each fp32 sum rounded once). */
+void lz_linear_bf16_multi(const void* x, int x_bf16, int nw, const void* const* ws, const int64_t* ns, void* y,
+                          int y_bf16, int64_t M, int64_t K, int threads) {
+    int64_t first[MAX_WEIGHTS + 1], cols[MAX_WEIGHTS + 1];
+    layout(nw, ns, first, cols);
     float* buf;
     const float* xf = fp32_rows(x, x_bf16, M * K, &buf);
     if (K <= 2048)
@@ -202,13 +178,21 @@ void lz_linear_bf16_multi(const void* x, int x_bf16, int nw, const uint16_t* con
 
 void lz_linear_bf16(const void* x, int x_bf16, const uint16_t* w, void* y, int y_bf16, int64_t M, int64_t N, int64_t K,
                     int threads) {
-    lz_linear_bf16_multi(x, x_bf16, 1, &w, &N, y, y_bf16, M, K, threads);
+    const void* ws[1] = {w};
+    lz_linear_bf16_multi(x, x_bf16, 1, ws, &N, y, y_bf16, M, K, threads);
 }
 
-/* One scale per row, applied to the sum. int8_rows_short prefetches the next block's rows as bf16_short
- * does, for rows of at most 2 KB read in one pass (1-2 rows of x): 2 threads, ms, 30 x SmolLM2's gate+up
- * at 1 row 5.4 -> 2.7, its LM head 1.5 -> 1.1; at 8 rows, and for Llama-2-7b's down (11 KB rows), it is
- * slower (5.8 -> 8.6 ms at 8 rows). */
+/* y [M, sum of ns] = x [M, K] . [W_0; W_1; ...]^T for nw fp32 weights (nw <= MAX_WEIGHTS), all fp32. */
+void lz_linear_f32_multi(const float* x, int nw, const void* const* ws, const int64_t* ns, float* y, int64_t M,
+                         int64_t K, int threads) {
+    int64_t first[MAX_WEIGHTS + 1], cols[MAX_WEIGHTS + 1];
+    layout(nw, ns, first, cols);
+    f32_rows(x, nw, ws, ns, first, cols, y, 0, cols[nw], M, K, threads);
+}
+
+/* One scale per row, applied to the sum; int8_rows_short prefetches (see TILE_KERNEL). The tile loop of
+ * TILE_KERNEL written again for one weight: through TILE_KERNEL (several weights, with a scale per weight) the
+ * compiler's code ran Llama-2-7b's gate/up at one row 13% slower (3.36 -> 3.80 ms). */
 #define INT8_ROWS_KERNEL(NAME, PREFETCH)                                                               \
     static void NAME(const float* x, const int8_t* w, const uint16_t* scale, void* y, int y_bf16, int64_t M, \
                      int64_t N, int64_t K, int64_t ldy, int threads) {                                 \
@@ -474,16 +458,4 @@ void lz_linear_int4(const void* x_in, int x_bf16, const uint8_t* w, const uint16
     free(d);
     free(dsum);
     free(buf);
-}
-
-/* y [M, sum of ns] = x [M, K] . [W_0; W_1; ...]^T for nw fp32 weights (nw <= MAX_WEIGHTS), all fp32. */
-void lz_linear_f32_multi(const float* x, int nw, const float* const* ws, const int64_t* ns, float* y, int64_t M,
-                         int64_t K, int threads) {
-    int64_t first[MAX_WEIGHTS + 1], cols[MAX_WEIGHTS + 1];
-    first[0] = cols[0] = 0;
-    for (int i = 0; i < nw; i++) {
-        first[i + 1] = first[i] + (ns[i] + NR - 1) / NR;
-        cols[i + 1] = cols[i] + ns[i];
-    }
-    f32_blocks(x, nw, ws, ns, first, cols, y, cols[nw], M, K, threads);
 }
