@@ -1,5 +1,6 @@
-"""The CPU linear kernels of cpu_linear.c (bf16, int8 and int4 weights, a few rows of fp32 activations), built
-with the system C compiler on first use and kept in the cache (llamazoo.paths.cache_dir()/kernels).
+"""The CPU linear kernels of cpu_linear.c (bf16, fp32, int8 and int4 weights; a few rows of fp32 or bf16
+activations), built with the system C compiler on first use and kept in the cache
+(llamazoo.paths.cache_dir()/kernels).
 
 Why a C file: on AVX2 CPUs torch has no bf16 GEMM kernel (bf16 F.linear costs about one matrix-vector
 product per row) and its int8 weight-only kernel converts under memory speed. Measured (2 threads, AVX2
