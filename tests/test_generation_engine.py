@@ -404,3 +404,24 @@ def test_auto_compiled_engine_with_a_tied_head_gives_eager_tokens(tmp_path):
     for p in random_prompts([7, 40], 256, seed=3):
         assert auto.generate_batch([p], 16)[0].token_ids == eager.generate_batch([p], 16)[0].token_ids
     assert auto.compile  # it really ran compiled (no fallback)
+
+
+def test_bf16_rmsnorm_gives_a_row_the_same_numbers_in_any_batch():
+    """RMSNorm in bf16 (fp32_ln=false, the default knobs): a row's output does not depend on the rows beside
+    it (torch's bf16 mean and rsqrt kernels follow the tensor's shape), and it is at least as close to the
+    exact norm as the plain bf16 ops are."""
+    from llamazoo.model.llama import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(576, 1e-5, fp32=False).bfloat16()
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 19, 576).bfloat16()
+    alone = norm(x[:1, :16])
+    assert torch.equal(norm(x)[:1, :16], alone)
+    assert torch.equal(norm(x[:, :1])[:1], alone[:, :1])  # one decode token among three
+    h = x[:1, :16]
+    plain = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5))
+    exact = norm.weight.double() * h.double() / torch.sqrt(h.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    err = [((y.double() - exact).abs() / exact.abs()) for y in (alone, plain)]
+    assert err[0].max() <= 2 ** -6 and err[0].mean() <= err[1].mean()

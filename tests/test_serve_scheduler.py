@@ -36,6 +36,14 @@ def serve_engine(tmp_path_factory):
     return Engine(load_model(out), tokenizer=None, pack_batch_hint=BATCHED_HINT)
 
 
+@pytest.fixture(scope="module")
+def serve_engine_bf16(tmp_path_factory):
+    """The same in bf16 (the model zoo's default knobs: RMSNorm in bf16)."""
+    out = tmp_path_factory.mktemp("tiny_serve_bf16")
+    hf_tiny_model(max_position_embeddings=256, num_key_value_heads=2).save_pretrained(out)
+    return Engine(load_model(out, dtype="bfloat16"), tokenizer=None, pack_batch_hint=BATCHED_HINT)
+
+
 def prompts(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths]
@@ -188,11 +196,14 @@ def test_slot_cache_decode_logits_are_batch_invariant(engine):
         assert torch.equal(alone.decode([toks[r]], [len(p)])[0], together[r])
 
 
-def test_prefill_rows_equal_each_row_alone(serve_engine):
+@pytest.mark.parametrize("which", ["serve_engine", "serve_engine_bf16"])
+def test_prefill_rows_equal_each_row_alone(which, request):
     """Rows prefilled in one pass (different lengths, from slot 0 and after a prefix, chunks below and
     above UPCAST_MIN_TOKENS) give bit-identical logits and caches to each row prefilled alone."""
+    serve_engine = request.getfixturevalue(which)
     slots = SlotCache(serve_engine, 6, 256)
-    assert slots.batched_prefill  # fp32 on CPU: the probe finds the kernels row-invariant
+    # fp32 and bf16 on CPU: the probe finds every kernel row-invariant (bf16 RMSNorm: see model.llama.RMSNorm)
+    assert slots.batched_prefill
     ps = prompts((1, 5, 20, 11, 40, 2), seed=21)
     more = prompts((3, 1, 17, 2, 9, 30), seed=22)
     together = slots.prefill_rows(0, [(p, 0) for p in ps])

@@ -261,8 +261,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = self.weight.dtype
-        h = x.float() if self.fp32 else x.to(out_dtype)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.fp32:
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:
+            # As torch computes it in the model dtype, but with the two steps whose low-precision kernels follow
+            # the tensor's shape done in fp32 and rounded (the mean's summation order; rsqrt, whose vectorized
+            # and scalar-tail bf16 results differ in the last bit): a row gets the same numbers alone and among
+            # others, which serve's batched prefill needs. Differs from the plain bf16 ops in ~1e-4 of rsqrts.
+            h = x.to(out_dtype)
+            var = h.pow(2).float().mean(-1, keepdim=True).to(out_dtype) + self.eps
+            h = h * torch.rsqrt(var.float()).to(out_dtype)
         return self.weight * h.to(out_dtype)
 
 
