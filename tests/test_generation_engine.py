@@ -325,13 +325,14 @@ def test_a_tied_head_packed_copy_keeps_the_embedding(tmp_path):
 
 
 def test_a_plain_fp32_head_takes_the_weight_first_product_for_several_rows(tmp_path, monkeypatch):
-    """The engine's LM head, plain fp32 on CPU (a tied head is not packed), computes (W x^T)^T from two rows
-    on: the same logits as F.linear within fp32 rounding, and the same greedy tokens; one row keeps F.linear."""
+    """The engine's LM head, plain fp32 on CPU (an engine without packing or llamazoo's kernels), computes
+    (W x^T)^T from two rows on: the same logits as F.linear within fp32 rounding, and the same greedy tokens;
+    one row keeps F.linear."""
     from llamazoo.generation import engine as engine_module
     from llamazoo.model.llama import fp32_linear_weight_first
 
     hf_tiny_model(max_position_embeddings=256, tie_word_embeddings=True).save_pretrained(tmp_path)
-    eng = Engine(load_model(tmp_path), tokenizer=None)
+    eng = Engine(load_model(tmp_path), tokenizer=None, pack=False)
     assert "packed" not in eng.model.lm_head.__dict__
     calls = []
     monkeypatch.setattr(engine_module, "fp32_linear_weight_first",
@@ -359,6 +360,10 @@ def test_auto_compile_decides_by_batch_tokens_layer_size_dtype_and_compiler(tmp_
 
     hf_tiny_model().save_pretrained(tmp_path)
     model = load_model(tmp_path)
+    if engine_module.cpu_kernels.available():  # the decode stack runs it: faster than any compiled step
+        assert auto_compile(model, 1, 10_000) == (False, "llamazoo's decode-stack kernel (every layer of a step "
+                                                  "in one call) is faster than a compiled step")
+    monkeypatch.setattr(engine_module, "decode_stack_fits", lambda model: False)  # as without llamazoo's kernels
     assert auto_compile(model, 1, 300) == (True, "batch 1, 300 tokens to decode")
     assert auto_compile(model, 1, 255) == (False, "255 tokens to decode, under 256: a compile would not pay")
     assert auto_compile(model, 2, 10_000) == (False, "batch > 1: the packed GEMMs of the eager step are faster")
@@ -388,10 +393,14 @@ def test_compiled_engines_grow_the_cache_in_powers_of_two(tmp_path):
     assert [eager._ensure_cache(1, n) for n in (20, 100, 150, 200)] == [64, 128, 192, 256]
 
 
-def test_auto_compiled_engine_with_a_tied_head_gives_eager_tokens(tmp_path):
+def test_auto_compiled_engine_with_a_tied_head_gives_eager_tokens(tmp_path, monkeypatch):
     """generation.compile=auto's engine (compiled, weights not packed) on a tied LM head, as SmolLM2 has:
-    the compiled head reads the embedding matrix; the tokens are eager's."""
+    the compiled head reads the embedding matrix; the tokens are eager's. (auto compiles where llamazoo's
+    decode stack cannot run: as here, made so.)"""
+    import llamazoo.generation.engine as engine_module
     from llamazoo.generation.app import compile_settings
+
+    monkeypatch.setattr(engine_module, "decode_stack_fits", lambda model: False)
 
     hf_tiny_model(max_position_embeddings=256, tie_word_embeddings=True).save_pretrained(tmp_path)
     model = load_model(tmp_path)

@@ -190,10 +190,10 @@ def test_build_is_cached_and_a_failing_compiler_warns_once(tmp_path, monkeypatch
     with caplog.at_level(logging.WARNING, logger="llamazoo.kernels"):
         assert not cpu.available() and not cpu.available()
     why = cpu.why_unavailable()
-    assert why.startswith("building cpu_linear.c failed: false exited with 1")
+    assert why.startswith("building cpu_linear.c, cpu_decode.c failed: false exited with 1")
     assert [r.getMessage() for r in caplog.records] == [f"CPU kernels unavailable, torch's are used instead: {why}"]
     assert not list((tmp_path / "other" / "kernels").iterdir())  # nothing half-written left
-    with pytest.raises(RuntimeError, match="CPU kernels are unavailable: building cpu_linear.c failed"):
+    with pytest.raises(RuntimeError, match="CPU kernels are unavailable: building cpu_linear.c, cpu_decode.c failed"):
         cpu.linear_bf16(torch.ones(1, 8), torch.ones(2, 8, dtype=torch.bfloat16))
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llamazoo.generation.engine import Engine
-from llamazoo.generation.packed import can_pack, pack_for_inference, unpack
+from llamazoo.generation.packed import SCORING_HINT, can_pack, pack_for_inference, unpack
 from llamazoo.io.hf import load_model, random_model, save_model
 from llamazoo.model.llama import LlamaConfig
 
@@ -122,17 +122,17 @@ def test_packing_in_pieces_gives_the_same_numbers_and_spares_weights_held_elsewh
     ref = {k: v.clone() for k, v in whole.state_dict().items()}
     monkeypatch.setattr(packed, "PIECE_BYTES", 1 << 40)
     monkeypatch.setattr(packed, "MIN_PIECE_BYTES", 1 << 40)
-    assert pack_for_inference(whole) and len(whole.lm_head.packed.pieces) == 1
+    assert pack_for_inference(whole, batch_hint=SCORING_HINT) and len(whole.lm_head.packed.pieces) == 1
     monkeypatch.setattr(packed, "PIECE_BYTES", 1 << 20)
     monkeypatch.setattr(packed, "MIN_PIECE_BYTES", 1 << 20)
     pieces = load_model(mid_folder)
     kept = pieces.state_dict()  # the caller holds the weights: nothing may be discarded
-    assert pack_for_inference(pieces)
+    assert pack_for_inference(pieces, batch_hint=SCORING_HINT)
     assert len(pieces.lm_head.packed.pieces) > 8 and len(pieces.model.layers[0].mlp.fused_gate_up.pieces) > 2
     assert all(torch.equal(kept[k], ref[k]) for k in ref)
     del kept
     alone = load_model(mid_folder)
-    assert pack_for_inference(alone)  # sole owner: plain rows discarded as their pieces are packed
+    assert pack_for_inference(alone, batch_hint=SCORING_HINT)  # sole owner: plain rows discarded as their pieces are packed
     with torch.inference_mode():
         for m in (pieces, alone):
             assert torch.equal(m(ids), whole(ids))
@@ -147,7 +147,7 @@ def test_packed_in_place_holds_no_plain_copy_and_state_dict_unpacks(mid_folder):
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.inference_mode():
         plain = model(ids)
-        assert pack_for_inference(model)
+        assert pack_for_inference(model, batch_hint=SCORING_HINT)
         packed = model(ids)
     lin = model.model.layers[0].mlp.down_proj
     assert lin.weight.shape == (768, 2048) and lin.weight.stride() == (0, 0)  # a placeholder: no memory
@@ -160,7 +160,7 @@ def test_packed_in_place_holds_no_plain_copy_and_state_dict_unpacks(mid_folder):
     with torch.inference_mode():
         assert torch.equal(model(ids), plain)
     # packed again, then unpacked explicitly; a compiled engine (plain weights read) restores them too
-    assert pack_for_inference(model) and model.packed_for_inference
+    assert pack_for_inference(model, batch_hint=SCORING_HINT) and model.packed_for_inference
     Engine(model, None, compile=True, pack=False)
     assert all(torch.equal(model.state_dict()[k], ref[k]) for k in ref)
 
@@ -169,7 +169,7 @@ def test_tied_head_stays_plain_and_packing_declines_lora_or_quantized(tmp_path):
     cfg = LlamaConfig(**{**MID, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
                          "num_attention_heads": 4, "num_key_value_heads": 2}, tie_word_embeddings=True)
     model = random_model(cfg, seed=1)
-    assert pack_for_inference(model)
+    assert pack_for_inference(model, batch_hint=SCORING_HINT)
     assert "packed" not in model.lm_head.__dict__ and model.lm_head.weight.stride() == (64, 1)
     unpack(model)
     model.model.layers[1].mlp.up_proj = torch.nn.Identity()  # stands for a LoRA or quantized layer

@@ -207,7 +207,8 @@ def compile_settings(setting: bool | str, model, batch: int, decode_tokens: int)
 
 def decode_step_kind(engine: Engine, n_prompts: int, batch_size: int) -> str:
     compiled = {engine.uses_compiled_step(min(batch_size, n_prompts - i)) for i in range(0, n_prompts, batch_size)}
-    return "compiled" if compiled == {True} else "eager" if compiled == {False} else "compiled at batch 1, else eager"
+    eager = "eager (decode stack kernel)" if "decode_stack" in engine.model.__dict__ else "eager"
+    return "compiled" if compiled == {True} else eager if compiled == {False} else f"compiled at batch 1, else {eager}"
 
 
 def run_generation(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO | None = None,

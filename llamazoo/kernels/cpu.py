@@ -30,7 +30,11 @@ from llamazoo.paths import cache_dir
 
 log = logging.getLogger("llamazoo.kernels")
 SOURCE = Path(__file__).with_name("cpu_linear.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+SOURCES = [SOURCE, SOURCE.with_name("cpu_decode.c")]
+HEADERS = [SOURCE.with_name("lz_common.h")]
+# no implicit FMA contraction: a*b + c written in C rounds as torch's separate ops do
+FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+LIBS = ["-lmvec", "-lm"]  # glibc's vector exp for softmax and SiLU
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {
     "lz_linear_bf16": [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _INT],
@@ -38,6 +42,7 @@ SIGNATURES = {
     "lz_linear_f32_multi": [_P, _INT, _P, _P, _P, _I64, _I64, _INT],
     "lz_linear_int8": [_P, _INT, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _INT],
     "lz_linear_int4": [_P, _INT, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _INT],
+    "lz_decode_stack": [_P, _P, _P, _I64, _P, _P, _I64, _P, _P, _INT],
 }
 
 _library: ctypes.CDLL | None = None
@@ -76,7 +81,7 @@ def library() -> ctypes.CDLL | None:
         try:
             _library = _load(_build(_compiler()))
         except (OSError, subprocess.SubprocessError) as e:
-            _why_not = f"building {SOURCE.name} failed: {e}"
+            _why_not = f"building {', '.join(p.name for p in SOURCES)} failed: {e}"
             log.warning("CPU kernels unavailable, torch's are used instead: %s", _why_not)
     return _library
 
@@ -84,15 +89,15 @@ def library() -> ctypes.CDLL | None:
 def _build(cc: str) -> Path:
     """The shared library for this source and compiler, compiled unless the cache has it (written to a
     temporary name and renamed, so concurrent first runs never load a half-written file)."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + cc.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    source = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+    key = hashlib.sha256(source + cc.encode() + " ".join(FLAGS + LIBS).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"cpu_linear-{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120)
+        res = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp), *LIBS], capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             last = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
             raise subprocess.SubprocessError(f"{cc} exited with {res.returncode}: {last}")
@@ -203,3 +208,119 @@ def linear_int4(x: torch.Tensor, q: torch.Tensor, scale_zero: torch.Tensor, grou
     (_library or _required()).lz_linear_int4(x2.data_ptr(), x_bf16, q.data_ptr(), scale_zero.data_ptr(), y.data_ptr(),
                                              _out_flag(out_dtype), x2.shape[0], N, K, group, torch.get_num_threads())
     return y.view(*x.shape[:-1], N)
+
+
+# -- the decode step of a whole decoder stack (cpu_decode.c) ------------------------------------------------
+class _Proj(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int64), ("nw", ctypes.c_int64), ("w", ctypes.c_void_p * 3),
+                ("n", ctypes.c_int64 * 3), ("scale", ctypes.c_void_p), ("k", ctypes.c_int64), ("group", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("k_cache", ctypes.c_void_p),
+                ("v_cache", ctypes.c_void_p), ("qkv", _Proj), ("o", _Proj), ("gate_up", _Proj), ("down", _Proj)]
+
+
+class _Stack(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in ("n_layers", "hidden", "heads", "kv_heads", "head_dim", "inter",
+                                                     "slots", "bf16", "fp32_ln", "round_probs")] + \
+               [("eps", ctypes.c_float), ("attn_scale", ctypes.c_float)]
+
+
+_KINDS = {"bf16": 0, "fp32": 1, "int8": 2, "int4": 3}
+
+
+class Projection:
+    """What one linear call of the decode stack reads: 1-3 bf16 or fp32 weights sharing the inputs (q/k/v,
+    gate/up as separate tensors), or one int8 / int4 matrix as `linear_int8` / `linear_int4` take it."""
+
+    def __init__(self, kind: str, weights: list[torch.Tensor], scale: torch.Tensor | None = None, group: int = 0):
+        if kind not in _KINDS or not 1 <= len(weights) <= (3 if kind in ("bf16", "fp32") else 1):
+            raise ValueError(f"Projection: {len(weights)} {kind} weights")
+        if any(not w.is_contiguous() for w in weights) or (scale is not None and not scale.is_contiguous()):
+            raise ValueError("Projection: contiguous tensors")
+        self.kind, self.weights, self.scale, self.group = kind, weights, scale, group
+        self.in_features = weights[0].shape[1] * (2 if kind == "int4" else 1)
+        self.out_features = sum(w.shape[0] for w in weights)
+
+    def fill(self, p: _Proj) -> None:
+        p.kind, p.nw, p.k, p.group = _KINDS[self.kind], len(self.weights), self.in_features, self.group
+        for i, w in enumerate(self.weights):
+            p.w[i], p.n[i] = w.data_ptr(), w.shape[0]
+        p.scale = self.scale.data_ptr() if self.scale is not None else None
+
+
+class DecoderStack:
+    """One decode step of every decoder layer in one kernel call (cpu_decode.c), over the layers' weights as
+    they are (referenced, not copied). `layers`: per layer a dict of attn_norm, mlp_norm (weights in the model
+    dtype) and the Projections qkv, o, gate_up, down (qkv's outputs: q, k, v heads in order)."""
+
+    def __init__(self, layers: list[dict], *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 eps: float, fp32_ln: bool, mixedp_attn: bool):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"DecoderStack: float32 or bfloat16 models, not {dtype}")
+        if head_dim > 1024 or head_dim % 2:
+            raise ValueError(f"DecoderStack: head_dim {head_dim} (even, at most 1024)")
+        self.dtype = dtype
+        self.head_dim, self.kv_heads = head_dim, kv_heads
+        self.hidden = layers[0]["qkv"].in_features
+        self.keep = layers  # the tensors whose pointers the kernel reads
+        self._layers = (_Layer * len(layers))()
+        for spec, L in zip(layers, self._layers):
+            for t in (spec["attn_norm"], spec["mlp_norm"]):
+                if t.dtype != dtype or t.shape != (self.hidden,) or not t.is_contiguous():
+                    raise ValueError("DecoderStack: norm weights [hidden] in the model dtype")
+            L.attn_norm, L.mlp_norm = spec["attn_norm"].data_ptr(), spec["mlp_norm"].data_ptr()
+            for name in ("qkv", "o", "gate_up", "down"):
+                spec[name].fill(getattr(L, name))
+        inter = layers[0]["gate_up"].out_features // 2
+        self._stack = _Stack(n_layers=len(layers), hidden=self.hidden, heads=heads, kv_heads=kv_heads,
+                             head_dim=head_dim, inter=inter, slots=0, bf16=int(dtype == torch.bfloat16),
+                             fp32_ln=int(fp32_ln), round_probs=int(dtype == torch.bfloat16 and mixedp_attn),
+                             eps=eps, attn_scale=head_dim ** -0.5)
+        self._caches: list[torch.Tensor] = []  # held: the pointers the kernel has stay valid
+        self._cache_rows = 0
+
+    def _set_caches(self, caches: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> None:
+        """Points the kernel at these caches (checked once per set of tensors; the row count every step)."""
+        flat = [t for kv in caches for t in kv]
+        if len(flat) == len(self._caches) and all(a is b for a, b in zip(flat, self._caches)):
+            if rows <= self._cache_rows:
+                return
+        if len(caches) != len(self._layers):
+            raise ValueError(f"DecoderStack: {len(caches)} KV caches for {len(self._layers)} layers")
+        slots = caches[0][0].shape[2]
+        for t in flat:
+            if (t.dtype != self.dtype or not t.is_contiguous() or t.shape[0] < rows
+                    or tuple(t.shape[1:]) != (self.kv_heads, slots, self.head_dim)):
+                raise ValueError(f"DecoderStack: KV caches [rows >= {rows}, {self.kv_heads}, slots, {self.head_dim}], "
+                                 f"contiguous, {self.dtype}")
+        for (k, v), L in zip(caches, self._layers):
+            L.k_cache, L.v_cache = k.data_ptr(), v.data_ptr()
+        self._stack.slots = slots
+        self._caches = flat
+        self._cache_rows = min(t.shape[0] for t in flat)
+
+    def __call__(self, h: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]], slot: torch.Tensor,
+                 mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """h [B, hidden] fp32 (updated in place and returned); caches (k, v) per layer; slot [B] int64: where
+        each row's new key and value go; mask [B, W] bool: the slots each row attends over; cos / sin
+        [B, head_dim] in the model dtype."""
+        B = h.shape[0]
+        if h.dtype != torch.float32 or not h.is_contiguous() or h.shape[1] != self.hidden:
+            raise ValueError("DecoderStack: h fp32 [B, hidden], contiguous")
+        self._set_caches(caches, B)
+        slot = slot.to(torch.int64).contiguous()
+        if int(slot.min()) < 0 or int(slot.max()) >= self._stack.slots or mask.shape[1] > self._stack.slots:
+            raise ValueError(f"DecoderStack: cache slots {slot.tolist()} / mask width {mask.shape[1]} "
+                             f"beyond the cache's {self._stack.slots}")
+        if mask.dtype != torch.bool or mask.shape[0] != B:
+            raise ValueError(f"DecoderStack: a bool mask [{B}, W], not {mask.dtype} {list(mask.shape)}")
+        mask = mask.contiguous()
+        if cos.shape != (B, self.head_dim) or sin.shape != (B, self.head_dim):
+            raise ValueError(f"DecoderStack: cos and sin [{B}, {self.head_dim}], not {list(cos.shape)}, {list(sin.shape)}")
+        cos, sin = cos.to(self.dtype).contiguous(), sin.to(self.dtype).contiguous()
+        (_library or _required()).lz_decode_stack(
+            ctypes.byref(self._stack), self._layers, h.data_ptr(), B, slot.data_ptr(), mask.data_ptr(), mask.shape[1],
+            cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
+        return h

@@ -21,10 +21,7 @@
  * The sums of (q - 8) * d * xq and z * d * xq per group are then added in fp32 in a fixed order.
  * Threads: OpenMP over blocks of NR output rows (the process's libgomp, shared with torch).
  */
-#include <immintrin.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "lz_common.h"
 
 #ifndef NR
 #define NR 4 /* weight rows per block */
@@ -35,25 +32,6 @@
 #ifndef MR
 #define MR 2 /* rows of x per pass over a block (3 spills on AVX2: 16 registers) */
 #endif
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline __m256 load_bf16x8(const uint16_t* p) {
-    __m128i h = _mm_loadu_si128((const __m128i*)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 
 static inline __m256 load_int8x8(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
@@ -71,14 +49,6 @@ static inline __m256 load_int8x8(const int8_t* p) {
 #define STORE_Y(scale_row)                                                     \
     for (int a = 0; a < mc; a++)                                               \
         for (int b = 0; b < nr; b++) PUT_Y(m0 + a, n0 + b, hsum(acc[a][b]) * (scale_row));
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* x as fp32 rows: x itself, or a converted copy in *buf (bf16 -> fp32 is exact). */
 static const float* fp32_rows(const void* x, int x_bf16, int64_t n, float** buf) {

@@ -461,6 +461,8 @@ class LlamaForCausalLM(nn.Module):
     consecutive slots). run_layer(layer, h, cos, sin, mask, cache_pos), when given, calls each decoder
     layer (the generation engine passes a compiled one). spans [(start, n) per row], with a cache and
     [B,T] cache_pos instead of a mask: rows of different lengths prefilled together (`span_attention`).
+    A `decode_stack` attribute (set by llamazoo.generation.packed; not a module) runs one-token eager steps
+    of all layers in one call: decode_stack(h, cos, sin, mask, cache_pos) -> h, or None where it does not apply.
     """
 
     def __init__(self, cfg: LlamaConfig, opts: PrecisionOptions | None = None):
@@ -537,7 +539,17 @@ class LlamaForCausalLM(nn.Module):
         if self.opts.fp32_skip_add:
             h = h.float()
         cos, sin = self.rope(position_ids, dtype)
-        for layer in self.model.layers:
+        stack = self.__dict__.get("decode_stack")
+        if (stack is not None and T == 1 and spans is None and run_layer is None and h.dtype == torch.float32
+                and attention_mask is not None and attention_mask.dtype == torch.bool
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            # one new token per row, eager inference: every layer in one kernel call (generation.packed)
+            out = stack(h, cos, sin, attention_mask, cache_pos)
+            layers = self.model.layers if out is None else ()  # None: it does not apply to this step
+            h = h if out is None else out
+        else:
+            layers = self.model.layers
+        for layer in layers:
             if spans is not None:
                 h = layer(h, cos, sin, attention_mask, cache_pos, spans)
             elif run_layer is None:
