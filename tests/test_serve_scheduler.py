@@ -219,6 +219,30 @@ def test_prefill_rows_equal_each_row_alone(which, request):
         slots.prefill_rows(0, [(ps[0], 0), ([], 3)])
 
 
+@pytest.mark.parametrize("which", ["serve_engine", "serve_engine_bf16"])
+def test_packed_prefill_of_long_chunks_equals_each_row_alone(which, request, monkeypatch):
+    """Chunks of UPCAST_MIN_TOKENS tokens or more run packed (one row, no padding), from slot 0 and after a
+    prefix: bit-identical logits and caches to each row alone, in one pass."""
+    serve_engine = request.getfixturevalue(which)
+    slots = SlotCache(serve_engine, 4, 256)
+    ps = prompts((20, 33, 16, 47), seed=31)
+    more = prompts((17, 40, 25, 16), seed=32)
+    calls = []
+    real = serve_engine.model.forward
+    monkeypatch.setattr(serve_engine.model, "forward", lambda ids, **kw: calls.append(tuple(ids.shape)) or real(ids, **kw))
+    together = slots.prefill_rows(0, [(p, 0) for p in ps])
+    together2 = slots.prefill_rows(0, [(m, len(p)) for p, m in zip(ps, more)])
+    assert calls == [(1, sum(map(len, ps))), (1, sum(map(len, more)))]  # one packed pass each
+    monkeypatch.undo()
+    for r, (p, m) in enumerate(zip(ps, more)):
+        alone = SlotCache(serve_engine, 2, 256)
+        assert torch.equal(alone.prefill(0, p, 0), together[r]), r
+        assert torch.equal(alone.prefill(0, m, len(p)), together2[r]), r
+        n = len(p) + len(m)
+        for big, small in zip(slots.full, alone.full):
+            assert torch.equal(big.k[r, :, :n], small.k[0, :, :n]) and torch.equal(big.v[r, :, :n], small.v[0, :, :n])
+
+
 def burst(engine, ps, monkeypatch):
     """Each prompt's solo tokens, then all prompts submitted at once: (their tokens, their sequences, the
     number of prompts in each prefill pass of the burst, the scheduler)."""

@@ -543,12 +543,13 @@ class SlotCache:
     def prefill_rows(self, first: int, chunks: Sequence[tuple[Sequence[int], int]]) -> torch.Tensor:
         """Prefills rows first, first+1, ... together: row first+i gets tokens chunks[i][0] at positions
         chunks[i][1].. (its slots before that already filled); returns fp32 logits [n,V] of each row's last
-        token. Consecutive chunks share a forward pass (right-padded to the longest), so the weights are
-        read once and the GEMMs run at more rows (32 prompts of 24 tokens, SmolLM2 fp32: 1.5 s instead of
-        3.1 one by one); attention runs per row, with the shapes the row has alone (`span_attention`).
-        A pass ends where padding would exceed half its tokens, and where the chunk length crosses
-        UPCAST_MIN_TOKENS (bf16 takes another matmul path from there), so callers that sort chunks by
-        length get few passes. A padded token writes a slot past its row's chunk, which the row's next
+        token. Consecutive chunks share a forward pass, so the weights are read once and the GEMMs run at
+        more rows (32 prompts of 24 tokens, SmolLM2 fp32: 1.5 s instead of 3.1 one by one); attention runs
+        per row, with the shapes the row has alone (`span_attention`). Chunks of UPCAST_MIN_TOKENS or more
+        are packed one after the other in one row (no padding: 32 prompts of 20-25 tokens, 716 tokens, ran
+        800 padded rows); shorter ones are right-padded to the longest, and such a pass ends where padding
+        would exceed half its tokens. A pass also ends where the chunk length crosses UPCAST_MIN_TOKENS
+        (bf16 takes another matmul path from there), so callers that sort chunks by length get few passes. A padded token writes a slot past its row's chunk, which the row's next
         token overwrites before anything reads it. Equal to one row at a time where the model's kernels
         are row-invariant: `probe_batched_prefill` checks."""
         lens = [len(ids) for ids, _ in chunks]
@@ -558,8 +559,9 @@ class SlotCache:
         for b in range(1, len(chunks) + 1):
             if b < len(chunks):
                 top = max(lens[a:b + 1])
-                same_kind = (lens[b] >= UPCAST_MIN_TOKENS) == (lens[a] >= UPCAST_MIN_TOKENS)
-                if same_kind and top * (b + 1 - a) <= 1.5 * sum(lens[a:b + 1]):
+                long = lens[a] >= UPCAST_MIN_TOKENS  # packed passes have no padding
+                same_kind = (lens[b] >= UPCAST_MIN_TOKENS) == long
+                if same_kind and (long or top * (b + 1 - a) <= 1.5 * sum(lens[a:b + 1])):
                     continue
             out.append(self._prefill_pass(first + a, chunks[a:b]))
             a = b
@@ -572,12 +574,20 @@ class SlotCache:
         self.reserve(max(starts) + T + 1)
         dev = self.engine.device
         self._use_rows(first, first + n)
+        spans = list(zip(starts, lens))
+        if n > 1 and min(lens) >= UPCAST_MIN_TOKENS:
+            # packed: the chunks one after the other in one row, no padding (each chunk's matmul rows are the
+            # prompt-sized kind it gets alone; shorter chunks keep the padded layout below, where they are too)
+            x = torch.tensor([t for ids, _ in chunks for t in ids], dtype=torch.long)[None]
+            pos = torch.cat([torch.arange(s, s + m) for s, m in spans])[None].to(dev)
+            h = self.model(x.to(dev), position_ids=pos, cache_pos=pos, return_hidden=True, spans=spans)
+            ends = torch.tensor(lens).cumsum(0) - 1
+            return self.engine._logits(h[0, ends.to(dev)][:, None])
         x = torch.zeros(n, T, dtype=torch.long)
         for i, (ids, _) in enumerate(chunks):
             x[i, :lens[i]] = torch.tensor(list(ids), dtype=torch.long)
         cache_pos = (torch.tensor(starts)[:, None] + torch.arange(T)[None, :]).to(dev)
-        h = self.model(x.to(dev), position_ids=cache_pos, cache_pos=cache_pos, return_hidden=True,
-                       spans=list(zip(starts, lens)))
+        h = self.model(x.to(dev), position_ids=cache_pos, cache_pos=cache_pos, return_hidden=True, spans=spans)
         last = h[torch.arange(n, device=dev), torch.tensor(lens, device=dev) - 1]
         return self.engine._logits(last[:, None])
 

@@ -19,8 +19,10 @@ Packing sets the `packed` attribute of linear layers and the `fused_qkv` / `fuse
 `llamazoo.model.llama` uses in eager mode; `unpack` removes them. A model with int8 / int4 layers
 (llamazoo.model.quantize) gets their fused form instead (one kernel call for q/k/v, one for gate/up), and
 bf16 weights on a CPU without oneDNN bf16 kernels the same through llamazoo's C kernel (`KernelLinear`: the
-weights as they are, nothing packed); fp32 weights packed for batched decoding (batch_hint 2..BATCHED_HINT:
-generate batches, serve) take that kernel for every projection and the LM head instead of oneDNN's layout.
+weights as they are, nothing packed); fp32 weights packed for decoding (batch_hint up to BATCHED_HINT:
+generate, serve) take that kernel for every projection and the LM head instead of oneDNN's layout. Where the
+C kernels run, one-token steps go further: `StackedDecode` runs every decoder layer of a step in one C call
+(cpu_decode.c), for bf16, fp32 and int8 / int4 models alike.
 """
 from __future__ import annotations
 
@@ -147,6 +149,13 @@ class PackedLinear:
         self.in_place = False
 
 
+# fp32 weights of at least this many elements run prompts weight-first (Llama-2-7b's, 2 threads, 32 rows:
+# 22016 x 4096 106 -> 65 ms, 4096 x 11008 40 -> 25); smaller ones keep F.linear, as fast or faster there
+# (SmolLM2's 1536 x 576 at 25 / 200 / 800 rows, F.linear vs weight-first with its copy: 0.54 / 2.8 / 9.2
+# vs 0.69 / 2.8 / 10.7 ms).
+WEIGHT_FIRST_MIN = 1 << 22
+
+
 class KernelLinear:
     """Linear layers through llamazoo's C kernel (`MultiLinear`) on their weights as they are (nothing copied
     or packed), for the rows it serves: decode steps (fewer than UPCAST_MIN_TOKENS tokens per sequence).
@@ -174,8 +183,8 @@ class KernelLinear:
 
     def _plain(self, x: torch.Tensor):
         if (self.kernel.dtype == torch.float32 and x.dtype == torch.float32 and not torch.is_grad_enabled()
-                and x.numel() >= 2 * x.shape[-1]):
-            # fp32 prompts on plain weights: the weight-first product, ~1.6x F.linear's speed (see
+                and x.numel() >= 2 * x.shape[-1] and self.members[0].weight.numel() >= WEIGHT_FIRST_MIN):
+            # fp32 prompts on large plain weights: the weight-first product, ~1.6x F.linear's speed (see
             # fp32_linear_weight_first), within ~10% of oneDNN's packed weights (7b shapes, 32 rows)
             ys = tuple(fp32_linear_weight_first(x, m.weight, m.bias).contiguous() for m in self.members)
             return ys if len(ys) > 1 else ys[0]

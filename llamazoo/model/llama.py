@@ -304,6 +304,14 @@ class KVCache(nn.Module):
             self.v.index_copy_(2, cache_pos, v)
         return self.k, self.v
 
+    def update_segments(self, spans: Sequence[tuple[int, int]], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Packed prompts (`span_attention`): segment i of k/v [1,H,N,D] goes to row i, slots start..start+n-1."""
+        off = 0
+        for row, (start, n) in enumerate(spans):
+            self.k[row, :, start:start + n] = k[0, :, off:off + n]
+            self.v[row, :, start:start + n] = v[0, :, off:off + n]
+            off += n
+
 
 # Decode attends over a multiple of this many cache slots (masked beyond the row's length), so that a row
 # decoded among longer rows gives the numbers it gives alone: the masked slots get zero weight, and the
@@ -345,12 +353,16 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tokens at cache slots start..start+n-1 and see slots 0..their own. Each row runs the attention call it
     would run alone (same shapes: causal SDPA from slot 0, masked SDPA after a cached prefix, the
     one-query kernel for one token), so its numbers do not depend on the other rows; padded query
-    positions get zeros. q [B,H,T,D], k/v the cache [B,Hkv,S,D]."""
+    positions get zeros. q [B,H,T,D], k/v the cache [B,Hkv,S,D]. Packed (B = 1, several spans): the rows'
+    tokens one after the other in q [1,H,N,D], span b's from offset n_0 + ... + n_(b-1), its keys in cache
+    row b (no padding: a pass costs its tokens, not rows x the longest)."""
     y = torch.zeros_like(q)
     gqa = k.shape[1] != q.shape[1]
+    packed = q.shape[0] == 1 and len(spans) > 1
+    off = 0
     for b, (start, n) in enumerate(spans):
         end = start + n
-        qb = q[b:b + 1, :, :n]
+        qb = q[:, :, off:off + n] if packed else q[b:b + 1, :, :n]
         if n == 1:
             w = attention_width(end, k.shape[2])
             mask = (torch.arange(w, device=q.device) < end)[None, None, None]
@@ -362,7 +374,11 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             mask = torch.arange(end, device=q.device)[None] <= torch.arange(start, end, device=q.device)[:, None]
             yb = F.scaled_dot_product_attention(qb, k[b:b + 1, :, :end], v[b:b + 1, :, :end],
                                                 attn_mask=mask[None, None], enable_gqa=gqa)
-        y[b, :, :n] = yb[0]
+        if packed:
+            y[0, :, off:off + n] = yb[0]
+            off += n
+        else:
+            y[b, :, :n] = yb[0]
     return y
 
 
@@ -393,7 +409,10 @@ class Attention(nn.Module):
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if self.kv_cache is not None:
+        if self.kv_cache is not None and spans is not None and B == 1 and len(spans) > 1:  # packed prompts
+            self.kv_cache.update_segments(spans, k, v)
+            k, v = self.kv_cache.k, self.kv_cache.v
+        elif self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
             width = T if mask is None else mask.shape[-1]  # no mask here: a causal prefill from slot 0
             if spans is None and width < k.shape[2]:  # a narrower mask covers the first slots

@@ -38,6 +38,13 @@ from llamazoo.generation.sampling import SamplingParams, choose_tokens_per_row
 
 log = logging.getLogger("llamazoo.serve")
 
+# An idle server that gets a request waits until no other has come for GATHER_QUIET_S (at most GATHER_MAX_S)
+# before its first step: clients that start together reach it a few ms apart (32 streaming clients: 31 more
+# within 21 ms of the first), and without the wait the first one's prefill runs alone while the others queue
+# behind it and then behind the decode budget (SmolLM2 fp32, 32 clients: passes of 1, 22 and 9 prompts).
+GATHER_QUIET_S = 0.008
+GATHER_MAX_S = 0.05
+
 
 class QueueFull(Exception):
     """More sequences are waiting than serve.max_queue allows."""
@@ -124,6 +131,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._last_submit = 0.0
         self.steps = 0
         self.generated = 0  # tokens, all sequences
         self.log_every_s = log_every_s
@@ -137,6 +145,7 @@ class Scheduler:
             if len(self.waiting) + len(seqs) > self.max_queue + max(0, self.max_concurrent - len(self.running)):
                 raise QueueFull(f"{len(self.waiting)} sequences are waiting (serve.max_queue={self.max_queue})")
             self.waiting.extend(seqs)
+            self._last_submit = time.perf_counter()
             self._cond.notify()
 
     def cancel(self, seq: Sequence) -> None:
@@ -192,6 +201,8 @@ class Scheduler:
                     last_t, last_n = time.perf_counter(), self.generated
                 if self._closing:
                     return
+                if not self.running:
+                    self._gather()
             try:
                 self.step()
             except Exception as e:  # noqa: BLE001 - one bad step must not end the server
@@ -201,6 +212,16 @@ class Scheduler:
                 self.running, self.rows = [], [None] * self.slots.rows
                 self.row_ids = [[] for _ in range(self.slots.rows)]
                 self.decoding = 0
+
+    def _gather(self) -> None:
+        """With self._cond held, at an idle start: waits for the rest of a burst of requests (see GATHER_QUIET_S)."""
+        until = time.perf_counter() + GATHER_MAX_S
+        while not self._closing and len(self.waiting) < self.max_concurrent:
+            now = time.perf_counter()
+            left = min(self._last_submit + GATHER_QUIET_S, until) - now
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     # -- the step ------------------------------------------------------------------------------------
     def step(self) -> bool:
