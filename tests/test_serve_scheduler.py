@@ -243,6 +243,34 @@ def test_packed_prefill_of_long_chunks_equals_each_row_alone(which, request, mon
             assert torch.equal(big.k[r, :, :n], small.k[0, :, :n]) and torch.equal(big.v[r, :, :n], small.v[0, :, :n])
 
 
+def test_an_idle_scheduler_gathers_a_burst_into_one_pass(serve_engine, monkeypatch):
+    """Requests that reach an idle server a few ms apart are prefilled together (serve's clients start
+    together but arrive one by one): the first step waits until none has come for GATHER_QUIET_S (stretched
+    here, so that the test does not depend on thread timing)."""
+    import llamazoo.serving.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "GATHER_QUIET_S", 0.3)
+    monkeypatch.setattr(scheduler_module, "GATHER_MAX_S", 5.0)
+    passes = []
+    real = SlotCache._prefill_pass
+    monkeypatch.setattr(SlotCache, "_prefill_pass", lambda self, first, chunks: passes.append(len(chunks))
+                        or real(self, first, chunks))
+    sched = Scheduler(serve_engine, [], max_concurrent=4, prefill_chunk=CHUNK)
+    passes.clear()
+    seqs = [make(0, p) for p in prompts((5, 9, 7), seed=41)]
+
+    def arrive():
+        for s in seqs:
+            sched.submit([s])
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=arrive)
+    sender.start()
+    sched.run(until=lambda: all(s.done for s in seqs))
+    sender.join()
+    assert passes == [3]
+
+
 def burst(engine, ps, monkeypatch):
     """Each prompt's solo tokens, then all prompts submitted at once: (their tokens, their sequences, the
     number of prompts in each prefill pass of the burst, the scheduler)."""
