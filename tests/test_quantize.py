@@ -135,7 +135,18 @@ def test_quantized_model_logits_equal_the_dequantized_model(tmp_path, kind, tie)
     after = model.state_dict()
     assert all(torch.equal(after[k], sd[k]) for k in sd)
     q = model.model.layers[1].mlp.up_proj.weight_q
-    assert q.untyped_storage().data_ptr() == model.model.layers[1].mlp.fused_gate_up.codes.untyped_storage().data_ptr()
+    fused = model.model.layers[1].mlp.fused_gate_up
+    assert q.untyped_storage().data_ptr() == fused.codes.untyped_storage().data_ptr()
+    # unpacked and packed again (another engine): the fused tensors are taken as they are, not copied again
+    from llamazoo.generation.packed import unpack
+
+    unpack(model)
+    assert pack_for_inference(model)
+    again = model.model.layers[1].mlp.fused_gate_up
+    assert again is not fused and again.codes.data_ptr() == fused.codes.data_ptr()
+    assert again.scale.data_ptr() == fused.scale.data_ptr() and torch.equal(again.codes, fused.codes)
+    with torch.inference_mode():
+        assert torch.equal(model(ids), got)
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -455,6 +455,20 @@ def quantized_layers(model: nn.Module) -> Iterable[WeightOnlyLinear]:
 
 
 # -- fused projections ----------------------------------------------------------------------------------------
+def _adjacent_rows(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor whose consecutive row blocks `parts` are (contiguous views, in order, of one storage), as
+    one view; None when they are not that."""
+    first = parts[0]
+    at = first.storage_offset()
+    for t in parts:
+        if (not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.storage_offset() != at or t.shape[1:] != first.shape[1:] or t.dtype != first.dtype):
+            return None
+        at += t.numel()
+    rows = sum(t.shape[0] for t in parts)
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))
+
+
 class FusedWeightOnly:
     """q/k/v or gate/up as one kernel call (one matrix of all their rows), for `fused_qkv` / `fused_gate_up`
     (llamazoo.model.llama): ~8% faster decode on SmolLM2 than a call per layer. The layers' own tensors become
@@ -464,9 +478,14 @@ class FusedWeightOnly:
         first = layers[0]
         self.kernel, self.group_size, self.in_features = first.kernel, first.group_size, first.in_features
         self.split = [m.out_features for m in layers]
-        self.codes = torch.cat([m.weight_q for m in layers])
         rows_first = self.kernel in ("int8", "lz8", "lz4")  # scales [out(, groups)(, 2)]; int4's are [groups, out, 2]
-        self.scale = torch.cat([m._scale for m in layers], 0 if rows_first else 1)
+        # fused before (views of one tensor, e.g. unpacked and packed again): that tensor, not a second copy
+        self.codes = _adjacent_rows([m.weight_q for m in layers])
+        if self.codes is None:
+            self.codes = torch.cat([m.weight_q for m in layers])
+        self.scale = _adjacent_rows([m._scale for m in layers]) if rows_first else None
+        if self.scale is None:
+            self.scale = torch.cat([m._scale for m in layers], 0 if rows_first else 1)
         self.bias = None if all(m.bias is None for m in layers) else torch.cat(
             [m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, dtype=m.compute_dtype)
              for m in layers])
