@@ -132,12 +132,16 @@ def test_int4_kernel_equals_the_integer_product_of_its_blocks(rows, out_f, in_f,
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-grouped", "int4"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-grouped", "int4", "fp32"])
 def test_a_row_gives_the_same_numbers_alone_and_in_any_batch(kind):
-    """Continuous batching needs it: a sequence decodes to the same tokens whoever shares its steps."""
+    """Continuous batching needs it: a sequence decodes to the same tokens whoever shares its steps. fp32:
+    rows longer than the kernel's k slices (several passes over a block carry their sums between slices)."""
     g = torch.Generator().manual_seed(2)
-    K = 256
-    if kind == "bf16":
+    K = 2560 if kind == "fp32" else 256
+    if kind == "fp32":
+        w = torch.randn(45, K, generator=g)
+        run = cpu.MultiLinear([w[:20], w[20:]])
+    elif kind == "bf16":
         w = torch.randn(45, K, generator=g).bfloat16()
         run = lambda x: cpu.linear_bf16(x, w)  # noqa: E731
     elif kind == "int4":
@@ -151,6 +155,9 @@ def test_a_row_gives_the_same_numbers_alone_and_in_any_batch(kind):
         run = lambda x: cpu.linear_int8(x, q, scale, group)  # noqa: E731
     x = torch.randn(13, K, generator=g)
     alone = torch.cat([run(x[i:i + 1]) for i in range(13)])
+    if kind == "fp32":
+        ref = x.double() @ w.double().t()
+        torch.testing.assert_close(run(x).double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     for batch in (2, 3, 4, 7, 13):
         assert torch.equal(torch.cat([run(x[i:i + batch]) for i in range(0, 13, batch)]), alone)
     torch.set_num_threads(1)

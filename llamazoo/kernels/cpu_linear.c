@@ -79,7 +79,16 @@ static const float* fp32_rows(const void* x, int x_bf16, int64_t n, float** buf)
  * head 2.9 -> 2.0 / 6.3 -> 4.2, but Llama-2-7b's gate/up (8 KB rows) 5.3 -> 6.6 at 1 row; int8 per channel,
  * SmolLM2's gate+up at 1 row 5.4 -> 2.7, its LM head 1.5 -> 1.1, but at 8 rows slower (7b's down 5.8 ->
  * 8.6). Two functions, not a flag: a test inside the loop costs more than the prefetch gains. */
-#define TILE_KERNEL(NAME, WTYPE, LOAD, PREFETCH)                                            \
+/* SLICE (fp32 weights): several passes over a block (more rows of x than MR) go over k in slices of KC, so
+ * that each slice of the block's rows is read from L1 by every pass (4 rows of 4096 fp32, 64 KB, were read
+ * from L2 by each); the sums carried between slices are the same fp32 values: the order and the numbers
+ * do not change. 2 threads, ms for 2 x Llama-2-7b's gate/up, down, qkv, LM head: at 8 rows 32.8 / 16.1 / 18.8 /
+ * 46.3 -> 32.2 / 15.3 / 17.9 / 43.9, at 32 rows 102 / 51 / 58 / 146 -> 93 / 45 / 52 / 142 (unchanged at 1-2
+ * rows: one pass). bf16 rows (half the bytes) ran 2-7% slower that way at 8-32 rows: SLICE 0, whole rows. */
+#define KC 1024
+#define KC_ROWS 64
+
+#define TILE_KERNEL(NAME, WTYPE, LOAD, PREFETCH, SLICE)                                            \
     static void NAME(const float* x, int nw, const void* const* ws, const int64_t* ns, const int64_t* first, \
                      const int64_t* cols, void* y, int y_bf16, int64_t ldy, int64_t M, int64_t K, int threads) { \
         int64_t blocks = first[nw];                                                                    \
@@ -94,34 +103,44 @@ static const float* fp32_rows(const void* x, int x_bf16, int64_t n, float** buf)
             for (int b = 0; b < NR; b++) rows[b] = w + (n0 + (b < nr ? b : 0)) * K;                    \
             const char* next = (const char*)(w + (n0 + NR < N ? n0 + NR : n0) * K);                    \
             (void)next;                                                                                \
-            for (int64_t m0 = 0; m0 < M; m0 += MR) {                                                   \
-                int mc = M - m0 < MR ? (int)(M - m0) : MR;                                             \
-                const float* xs = x + m0 * K;                                                          \
-                __m256 acc[MR][NR], xv[MR];                                                            \
-                for (int a = 0; a < MR; a++)                                                           \
-                    for (int b = 0; b < NR; b++) acc[a][b] = _mm256_setzero_ps();                      \
-                for (int64_t k = 0; k < K; k += 8) {                                                   \
-                    LOAD_X(xs, K, k);                                                                  \
-                    PREFETCH;                                                                          \
-                    for (int b = 0; b < NR; b++) {                                                     \
-                        __m256 wv = LOAD(rows[b] + k);                                                 \
-                        FMA_ROWS(wv, b);                                                               \
+            int64_t kc = SLICE && M > MR && M <= KC_ROWS ? SLICE : K;                                  \
+            __m256 part[KC_ROWS][NR]; /* the sums so far of every row, between two slices of k */     \
+            for (int64_t k0 = 0; k0 < K; k0 += kc) {                                                   \
+                int64_t k1 = k0 + kc < K ? k0 + kc : K;                                                \
+                for (int64_t m0 = 0; m0 < M; m0 += MR) {                                               \
+                    int mc = M - m0 < MR ? (int)(M - m0) : MR;                                         \
+                    const float* xs = x + m0 * K;                                                      \
+                    __m256 acc[MR][NR], xv[MR];                                                        \
+                    for (int a = 0; a < MR; a++)                                                       \
+                        for (int b = 0; b < NR; b++)                                                   \
+                            acc[a][b] = k0 && a < mc ? part[m0 + a][b] : _mm256_setzero_ps();          \
+                    for (int64_t k = k0; k < k1; k += 8) {                                             \
+                        LOAD_X(xs, K, k);                                                              \
+                        PREFETCH;                                                                      \
+                        for (int b = 0; b < NR; b++) {                                                 \
+                            __m256 wv = LOAD(rows[b] + k);                                             \
+                            FMA_ROWS(wv, b);                                                           \
+                        }                                                                              \
                     }                                                                                  \
+                    if (k1 < K)                                                                        \
+                        for (int a = 0; a < mc; a++)                                                   \
+                            for (int b = 0; b < NR; b++) part[m0 + a][b] = acc[a][b];                  \
+                    else                                                                               \
+                        for (int a = 0; a < mc; a++)                                                   \
+                            for (int b = 0; b < nr; b++) PUT_Y(m0 + a, cols[i] + n0 + b, hsum(acc[a][b])); \
                 }                                                                                      \
-                for (int a = 0; a < mc; a++)                                                           \
-                    for (int b = 0; b < nr; b++) PUT_Y(m0 + a, cols[i] + n0 + b, hsum(acc[a][b]));     \
             }                                                                                          \
         }                                                                                              \
     }
 
-TILE_KERNEL(bf16_long, uint16_t, load_bf16x8, (void)0)
-TILE_KERNEL(bf16_short, uint16_t, load_bf16x8, _mm_prefetch(next + k * 2 * NR, _MM_HINT_T0))
+TILE_KERNEL(bf16_long, uint16_t, load_bf16x8, (void)0, 0)
+TILE_KERNEL(bf16_short, uint16_t, load_bf16x8, _mm_prefetch(next + k * 2 * NR, _MM_HINT_T0), 0)
 /* fp32 weights: oneDNN's packed fp32 weights are as fast at one row, but at 8 rows (2 threads, ms)
  * Llama-2-7b's gate/up 23.0 -> 16.9, its down 13.4 -> 8.1, SmolLM2's LM head 8.1 -> 6.8. Rows of at most
  * 4 KB prefetched from 2 rows of x on (at one row it did not pay: 7.0 -> 7.3 ms for 30 x SmolLM2's gate+up). */
-TILE_KERNEL(f32_rows, float, _mm256_loadu_ps, (void)0)
+TILE_KERNEL(f32_rows, float, _mm256_loadu_ps, (void)0, KC)
 TILE_KERNEL(f32_short, float, _mm256_loadu_ps,
-            (_mm_prefetch(next + k * 4 * NR, _MM_HINT_T0), _mm_prefetch(next + k * 4 * NR + 64, _MM_HINT_T0)))
+            (_mm_prefetch(next + k * 4 * NR, _MM_HINT_T0), _mm_prefetch(next + k * 4 * NR + 64, _MM_HINT_T0)), 0)
 
 #define MAX_WEIGHTS 8
 
