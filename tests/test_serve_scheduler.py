@@ -196,6 +196,18 @@ def test_slot_cache_decode_logits_are_batch_invariant(engine):
         assert torch.equal(alone.decode([toks[r]], [len(p)])[0], together[r])
 
 
+def assert_each_row_as_alone(engine, slots, ps, more, together, together2):
+    """Row r's logits from two prefill rounds (ps[r] from slot 0, then more[r] after it) and its cache slots
+    are bit for bit those of the row prefilled alone."""
+    for r, (p, m) in enumerate(zip(ps, more)):
+        alone = SlotCache(engine, 2, 256)
+        assert torch.equal(alone.prefill(0, p, 0), together[r]), r
+        assert torch.equal(alone.prefill(0, m, len(p)), together2[r]), r
+        n = len(p) + len(m)
+        for big, small in zip(slots.full, alone.full):
+            assert torch.equal(big.k[r, :, :n], small.k[0, :, :n]) and torch.equal(big.v[r, :, :n], small.v[0, :, :n])
+
+
 @pytest.mark.parametrize("which", ["serve_engine", "serve_engine_bf16"])
 def test_prefill_rows_equal_each_row_alone(which, request):
     """Rows prefilled in one pass (different lengths, from slot 0 and after a prefix, chunks below and
@@ -208,13 +220,7 @@ def test_prefill_rows_equal_each_row_alone(which, request):
     more = prompts((3, 1, 17, 2, 9, 30), seed=22)
     together = slots.prefill_rows(0, [(p, 0) for p in ps])
     together2 = slots.prefill_rows(0, [(m, len(p)) for p, m in zip(ps, more)])
-    for r, (p, m) in enumerate(zip(ps, more)):
-        alone = SlotCache(serve_engine, 2, 256)
-        assert torch.equal(alone.prefill(0, p, 0), together[r]), r
-        assert torch.equal(alone.prefill(0, m, len(p)), together2[r]), r
-        n = len(p) + len(m)
-        for big, small in zip(slots.full, alone.full):
-            assert torch.equal(big.k[r, :, :n], small.k[0, :, :n]) and torch.equal(big.v[r, :, :n], small.v[0, :, :n])
+    assert_each_row_as_alone(serve_engine, slots, ps, more, together, together2)
     with pytest.raises(ValueError, match="at least one token"):
         slots.prefill_rows(0, [(ps[0], 0), ([], 3)])
 
@@ -234,13 +240,7 @@ def test_packed_prefill_of_long_chunks_equals_each_row_alone(which, request, mon
     together2 = slots.prefill_rows(0, [(m, len(p)) for p, m in zip(ps, more)])
     assert calls == [(1, sum(map(len, ps))), (1, sum(map(len, more)))]  # one packed pass each
     monkeypatch.undo()
-    for r, (p, m) in enumerate(zip(ps, more)):
-        alone = SlotCache(serve_engine, 2, 256)
-        assert torch.equal(alone.prefill(0, p, 0), together[r]), r
-        assert torch.equal(alone.prefill(0, m, len(p)), together2[r]), r
-        n = len(p) + len(m)
-        for big, small in zip(slots.full, alone.full):
-            assert torch.equal(big.k[r, :, :n], small.k[0, :, :n]) and torch.equal(big.v[r, :, :n], small.v[0, :, :n])
+    assert_each_row_as_alone(serve_engine, slots, ps, more, together, together2)
 
 
 def test_an_idle_scheduler_gathers_a_burst_into_one_pass(serve_engine, monkeypatch):
