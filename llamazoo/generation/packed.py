@@ -217,8 +217,8 @@ def install_kernels(model: nn.Module, dtype: torch.dtype, singles: bool) -> bool
 
 class StackedDecode:
     """A model's one-token eager steps through llamazoo's decode-stack kernel (`cpu_kernels.DecoderStack`: every
-    layer in one call, ~5x fewer microseconds around the matmuls than the torch ops), installed as the model's
-    `decode_stack`. It reads the weights as they are; a step where any was replaced since (or a cache the
+    layer in one call; the ~90 torch ops per layer around the matmuls, ~16 ms of a 28 ms SmolLM2 bf16 step,
+    become microseconds), installed as the model's `decode_stack`. It reads the weights as they are; a step where any was replaced since (or a cache the
     kernel cannot read) returns None and the model runs its layers as usual."""
 
     def __init__(self, model: nn.Module, stack: cpu_kernels.DecoderStack, held: list[tuple[nn.Module, str, object]]):
