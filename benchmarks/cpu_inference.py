@@ -92,10 +92,13 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     out: dict = {"rows": []}
     if spec["impl"] == "llamazoo":
+        from llamazoo.generation.app import compile_settings
         from llamazoo.generation.engine import Engine
+        from llamazoo.generation.packed import BATCHED_HINT, unpack
         from llamazoo.io.hf import load_model
 
-        Engine(load_model("tiny", seed=0), None).generate_batch([[1, 2, 3]], 4)  # imports, oneDNN, allocator
+        # imports (all of them before `base`: ~10 MB of modules are not the model's), oneDNN, allocator
+        Engine(load_model("tiny", seed=0), None).generate_batch([[1, 2, 3]], 4)
         base = rss_now()
         t = time.perf_counter()
         model = load_model(spec["folder"], dtype=spec["dtype"])
@@ -109,9 +112,6 @@ def child(spec: dict) -> dict:
             generation.compile chooses (auto: see llamazoo.generation.engine.auto_compile) and the layout
             it packs for (see generation.packed)."""
             nonlocal engine
-            from llamazoo.generation.app import compile_settings
-            from llamazoo.generation.packed import BATCHED_HINT, unpack
-
             kwargs, _ = compile_settings(spec["compile"], model, batch, spec["new_tokens"])
             if kwargs["compile"]:
                 if not engine.compile:

@@ -123,6 +123,24 @@ def test_engines_install_it_and_give_the_tokens_of_the_layers(tmp_path):
         unpack(model)
 
 
+def test_a_new_cache_does_not_keep_the_old_one_alive(tmp_path):
+    """The stack remembers the caches it points at without holding them: when a generate call allocates a
+    new cache, the previous one is freed before the prompt runs (held until the first decode step, it sat
+    next to the new one at the prefill's peak: SmolLM2 int4 at batch 8, 1.18x weights + KV cache, not 1.10x)."""
+    import gc
+    import weakref
+
+    hf_tiny_model(max_position_embeddings=256).save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype=torch.float32)
+    engine = Engine(model, tokenizer=None, pack_batch_hint=32)
+    first = [r.token_ids for r in engine.generate_batch([[5, 9, 11], [7, 8]], 6)]
+    old = weakref.ref(model.model.layers[0].self_attn.kv_cache.k)
+    model.setup_cache(4, 64)  # what the next call with more rows does first
+    gc.collect()
+    assert old() is None
+    assert [r.token_ids for r in engine.generate_batch([[5, 9, 11], [7, 8]] * 2, 6)] == first * 2
+
+
 def test_replaced_weights_or_a_step_it_cannot_run_take_the_layers(tmp_path):
     hf_tiny_model(max_position_embeddings=256).save_pretrained(tmp_path)
     model = load_model(tmp_path)

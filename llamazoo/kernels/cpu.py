@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+import weakref
 from pathlib import Path
 
 import torch
@@ -278,13 +279,15 @@ class DecoderStack:
                              head_dim=head_dim, inter=inter, slots=0, bf16=int(dtype == torch.bfloat16),
                              fp32_ln=int(fp32_ln), round_probs=int(dtype == torch.bfloat16 and mixedp_attn),
                              eps=eps, attn_scale=head_dim ** -0.5)
-        self._caches: list[torch.Tensor] = []  # held: the pointers the kernel has stay valid
+        # weak: the caches come with every call (alive while the kernel runs); a strong reference here would
+        # keep an engine's previous cache in memory next to its new one
+        self._caches: list[weakref.ref] = []
         self._cache_rows = 0
 
     def _set_caches(self, caches: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> None:
         """Points the kernel at these caches (checked once per set of tensors; the row count every step)."""
         flat = [t for kv in caches for t in kv]
-        if len(flat) == len(self._caches) and all(a is b for a, b in zip(flat, self._caches)):
+        if len(flat) == len(self._caches) and all(a is b() for a, b in zip(flat, self._caches)):
             if rows <= self._cache_rows:
                 return
         if len(caches) != len(self._layers):
@@ -298,7 +301,7 @@ class DecoderStack:
         for (k, v), L in zip(caches, self._layers):
             L.k_cache, L.v_cache = k.data_ptr(), v.data_ptr()
         self._stack.slots = slots
-        self._caches = flat
+        self._caches = [weakref.ref(t) for t in flat]
         self._cache_rows = min(t.shape[0] for t in flat)
 
     def __call__(self, h: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]], slot: torch.Tensor,
