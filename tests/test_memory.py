@@ -175,3 +175,36 @@ def test_tied_head_stays_plain_and_packing_declines_lora_or_quantized(tmp_path):
     model.model.layers[1].mlp.up_proj = torch.nn.Identity()  # stands for a LoRA or quantized layer
     assert can_pack(model).startswith("the model has unmerged LoRA adapters or quantized layers")
     assert not pack_for_inference(model)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(a, 16) for a in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_weights_converted_at_load_are_offered_huge_pages(tmp_path):
+    """A bf16 folder loaded in fp32: each converted weight of 4 MB or more is a tensor of our own, advised
+    MADV_HUGEPAGE (VmFlags `hg`) before it is written, so the kernel can back it with 2 MB pages; weights
+    read as stored stay in the file's mapping (not advised); the numbers are the plain conversion's."""
+    from llamazoo.io.mapped import HUGE_PAGE
+
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    save_model(random_model(cfg, dtype=torch.bfloat16, seed=1), tmp_path / "bf16")
+    fp32 = load_model(tmp_path / "bf16", dtype="float32")
+    emb = fp32.model.embed_tokens.weight  # 8 MB in fp32
+    inner = -(-emb.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    assert "hg" in _vm_flags(inner)
+    as_stored = load_model(tmp_path / "bf16")
+    assert "hg" not in _vm_flags(as_stored.model.embed_tokens.weight.data_ptr())
+    assert torch.equal(emb, as_stored.model.embed_tokens.weight.float())

@@ -17,7 +17,7 @@ import torch
 
 from llamazoo.io.atomic import replace_path, temp_path_beside
 from llamazoo.io.damaged import reading
-from llamazoo.io.mapped import release_pages
+from llamazoo.io.mapped import empty_on_huge_pages, release_pages
 from llamazoo.model.llama import (LlamaConfig, LlamaForCausalLM, PrecisionOptions, init_weights,
                                   materialize_parameters, replay_default_init)
 from llamazoo.model.registry import NAMED_CONFIGS, named_config
@@ -174,7 +174,11 @@ def load_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype, devi
             raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, expected "
                              f"{tuple(expected[name].shape)} from config.json")
         # parameters take the model's dtype; buffers (quantized codes and scales) load as stored
-        loaded[name] = t.to(device=device, dtype=dtype if isinstance(expected[name], torch.nn.Parameter) else None)
+        want = dtype if isinstance(expected[name], torch.nn.Parameter) else t.dtype
+        if want != t.dtype and torch.device(device).type == "cpu":
+            loaded[name] = empty_on_huge_pages(tuple(t.shape), want).copy_(t)  # a converted copy
+        else:
+            loaded[name] = t.to(device=device, dtype=want)
         if loaded[name] is not t:  # a converted copy: the file's pages of t need not stay resident
             release_pages([t])
     missing = [n for n in expected if n not in loaded and not (tied and n == "lm_head.weight")]

@@ -92,3 +92,22 @@ def discard_pages(t: torch.Tensor) -> int:
         return 0
     libc = _libc()
     return 0 if libc is None else _drop_pages(libc, t)
+
+
+_MADV_HUGEPAGE = 14
+HUGE_PAGE = 2 << 20
+
+
+def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty CPU tensor whose whole 2 MB pages the kernel may back with transparent huge pages (asked
+    before anything touches them; Linux with THP in `madvise` or `always` mode, else a plain tensor). Why:
+    a decode step streams every weight once, and with 4 KB pages each 4 KB costs a TLB miss (2 threads,
+    SmolLM2's fp32 LM head at one row 4.9 -> 4.4 ms, Llama-2-7b's gate/up 10.2 -> 9.9 ms)."""
+    t = torch.empty(shape, dtype=dtype)
+    if sys.platform == "linux" and t.numel() * t.element_size() >= 2 * HUGE_PAGE:
+        libc = _libc()
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        a, b = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
+        if libc is not None and b > a:
+            libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_HUGEPAGE)
+    return t
