@@ -145,6 +145,21 @@ def test_named_config_matches_transformers_architecture():
         {k: tuple(v.shape) for k, v in ours.state_dict().items()}
 
 
+@pytest.mark.parametrize("shape", [(3072, 576), (576, 1536), (100, 64)])
+def test_upcast_prompt_rows_do_not_depend_on_the_rows_beside_them(shape):
+    """Up to _UPCAST_WEIGHT_FIRST_ROWS rows the upcast GEMM runs weight-first, beyond it x-first: a row's
+    numbers must be the same either way (serve packs prompts into one pass of any length and promises each
+    the tokens it gets alone). Fails on a BLAS whose two orders sum differently: then keep one order."""
+    from llamazoo.model import llama
+
+    g = torch.Generator().manual_seed(shape[0])
+    w = torch.randn(*shape, generator=g).bfloat16()
+    many = torch.randn(1, llama._UPCAST_WEIGHT_FIRST_ROWS + 40, shape[1], generator=g).bfloat16()
+    alone = llama.bf16_linear_in_fp32(many[:, :20], w, None)
+    for rows in (20, 64, llama._UPCAST_WEIGHT_FIRST_ROWS, llama._UPCAST_WEIGHT_FIRST_ROWS + 1, many.shape[1]):
+        assert torch.equal(llama.bf16_linear_in_fp32(many[:, :rows], w, None)[:, :20], alone), rows
+
+
 def test_bf16_prompts_upcast_where_the_cpu_has_no_bf16_gemm(hf_folder, monkeypatch):
     """Prompt-sized bf16 matmuls (>= UPCAST_MIN_TOKENS tokens, no autograd) run as fp32 GEMMs over slices
     of the upcast weight on CPUs without bf16 GEMM kernels: the bf16 result of fp32 accumulation, as
