@@ -156,12 +156,48 @@ def test_whole_chunk_prefixes_are_reused_without_changing_tokens(engine):
         pass
     assert second.cached_tokens == 2 * CHUNK  # the shared whole chunks; the 5 extra tokens are computed
     assert second.tokens == cold.tokens
-    # a repeated prompt reuses all but its last chunk, and gives the same tokens again
+    # a repeated prompt is reused whole (with its last token's logits), and gives the same tokens again
     again = Sequence(b, max_tokens=12)
     sched.submit([again])
     while sched.step():
         pass
-    assert again.cached_tokens == (len(b) - 1) // CHUNK * CHUNK and again.tokens == cold.tokens
+    assert again.cached_tokens == len(b) and again.tokens == cold.tokens
+
+
+def test_a_prompt_held_whole_is_not_computed_again(engine, monkeypatch):
+    """A repeated prompt (greedy, or sampled with the same seed) skips the prefill: the first token comes
+    from the logits its row kept, from its own row or copied from another one that is still decoding, and
+    the tokens are those of the first run; a prompt one token longer or shorter is computed."""
+    p = prompts((23,), seed=7)[0]
+    sampled = SamplingParams(do_sample=True, temperature=0.9, top_k=30)
+    sched = Scheduler(engine, [], max_concurrent=3, prefill_chunk=CHUNK)
+    first, first_s = Sequence(p, max_tokens=10), Sequence(p, max_tokens=10, params=sampled, seed=5)
+    sched.submit([first])
+    while sched.step():
+        pass
+    sched.submit([first_s])
+    while sched.step():
+        pass
+    calls = []
+    real = sched.slots.prefill_rows
+    monkeypatch.setattr(sched.slots, "prefill_rows", lambda *a: calls.append(a) or real(*a))
+    again, again_s = Sequence(p, max_tokens=10), Sequence(p, max_tokens=10, params=sampled, seed=5)
+    longer, shorter = Sequence(p + [9], max_tokens=10), Sequence(p[:-1], max_tokens=10)
+    sched.submit([again])
+    sched.step()  # `again` decodes in its row; the next one copies it from there
+    sched.submit([again_s])
+    while sched.step():
+        pass
+    assert calls == []
+    assert again.tokens == first.tokens and again_s.tokens == first_s.tokens
+    assert again.cached_tokens == again_s.cached_tokens == len(p)
+    sched.submit([longer, shorter])
+    while sched.step():
+        pass
+    assert len(calls) >= 1 and longer.cached_tokens < len(p) + 1 and shorter.cached_tokens < len(p) - 1
+    solo = [Sequence(q, max_tokens=10) for q in (p + [9], p[:-1])]
+    run_all(engine, solo)
+    assert [longer.tokens, shorter.tokens] == [s.tokens for s in solo]
 
 
 def test_eos_and_context_end_sequences(engine):

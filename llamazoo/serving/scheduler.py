@@ -20,7 +20,9 @@ computed as `llamazoo generate` computes them.
 
 Prefix reuse: a row keeps the prompt it last held after its sequence ends; a new sequence starts from
 the longest whole-chunk common prefix found in any row (copied into its own row if needed), e.g. a
-shared system prompt or the earlier turns of a chat.
+shared system prompt or the earlier turns of a chat. A prompt some row holds whole (a repeated request,
+a retried one, `n` > 1 arriving again) is not computed at all: the row also keeps the logits its last
+prompt token gave, so the first token is chosen from them and the sequence decodes at once.
 """
 from __future__ import annotations
 
@@ -124,6 +126,7 @@ class Scheduler:
         n = self.slots.rows
         self.rows: list[Sequence | None] = [None] * n  # physical row -> its sequence
         self.row_ids: list[list[int]] = [[] for _ in range(n)]  # prompt tokens whose K/V the row holds
+        self.row_logits: list[torch.Tensor | None] = [None] * n  # the last one's logits, when row_ids is whole
         self.row_used = [0.0] * n
         self.decoding = 0  # rows 0..decoding-1 hold the sequences that decode
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -211,6 +214,7 @@ class Scheduler:
                     self._fail(seq, f"internal error: {type(e).__name__}: {e}")
                 self.running, self.rows = [], [None] * self.slots.rows
                 self.row_ids = [[] for _ in range(self.slots.rows)]
+                self.row_logits = [None] * self.slots.rows
                 self.decoding = 0
 
     def _gather(self) -> None:
@@ -249,7 +253,8 @@ class Scheduler:
     def _admit(self, seq: Sequence) -> None:
         free = [r for r in range(self.decoding, self.slots.rows) if self.rows[r] is None]
         # the free row whose cached prompt serves this one best, else the least recently used
-        row = max(free, key=lambda r: (self._usable(self.row_ids[r], seq.prompt_ids), -self.row_used[r]))
+        row = max(free, key=lambda r: (self._whole(r, seq.prompt_ids), self._usable(self.row_ids[r], seq.prompt_ids),
+                                       -self.row_used[r]))
         seq.row = row
         self.rows[row] = seq
         self.running.append(seq)
@@ -272,10 +277,31 @@ class Scheduler:
             n += 1
         return n // self.chunk * self.chunk
 
+    def _whole(self, r: int, prompt: list[int]) -> bool:
+        """Whether row r holds all of `prompt` and the logits of its last token."""
+        return self.row_logits[r] is not None and self.row_ids[r] == prompt
+
+    def _reuse_whole_prompt(self, seq: Sequence) -> None:
+        """A prompt that a row holds whole: its cache slots copied (if another row's), its first token chosen
+        from the stored logits; the sequence joins the decoding rows without computing anything."""
+        src = next((r for r in [seq.row, *range(self.slots.rows)] if self._whole(r, seq.prompt_ids)), None)
+        if src is None:
+            return
+        P, logits = len(seq.prompt_ids), self.row_logits[src]
+        self.slots.copy_prefix(src, seq.row, P)
+        seq.matched = True
+        seq.prefilled = seq.cached_tokens = P
+        self.row_ids[seq.row], self.row_logits[seq.row] = list(seq.prompt_ids), logits
+        self._move(seq.row, self.decoding)
+        self.decoding += 1
+        self._emit([seq], logits[None])
+
     def _prefill(self) -> None:
         # while streams are decoding, a bounded prefill per step keeps their tokens flowing; with none
         # decoding nobody waits, so every admitted prompt is prefilled now (a burst gets its first tokens
         # together)
+        for seq in [s for s in self.running if not s.matched and s.prefilled < len(s.prompt_ids)]:
+            self._reuse_whole_prompt(seq)
         budget = self.prefill_tokens if self.decoding else sum(len(s.prompt_ids) for s in self.running)
         todo = [s for s in self.running if s.prefilled < len(s.prompt_ids)]
         while budget > 0 and todo:
@@ -306,7 +332,7 @@ class Scheduler:
                 seq.matched = True
                 self.slots.copy_prefix(best, seq.row, n)
                 seq.prefilled = seq.cached_tokens = n
-                self.row_ids[seq.row] = seq.prompt_ids[:n]
+                self.row_ids[seq.row], self.row_logits[seq.row] = seq.prompt_ids[:n], None
             end = min(P, (seq.prefilled // self.chunk + 1) * self.chunk)
             batch.append((seq, end))
             budget -= end - seq.prefilled
@@ -324,9 +350,11 @@ class Scheduler:
         done = []
         for seq, end in batch:
             seq.prefilled = end
-            self.row_ids[seq.row] = seq.prompt_ids[:end]
+            self.row_ids[seq.row], self.row_logits[seq.row] = seq.prompt_ids[:end], None
             if end == len(seq.prompt_ids):
                 done.append(seq)
+        for i, seq in enumerate(done):  # sorted first: logits row i is done[i]'s
+            self.row_logits[seq.row] = logits[i].clone()
         self.decoding += len(done)
         if done:
             self._emit(done, logits[:len(done)])
@@ -406,6 +434,7 @@ class Scheduler:
         self.slots.swap(a, b, max(self._content(a), self._content(b)))
         self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
         self.row_ids[a], self.row_ids[b] = self.row_ids[b], self.row_ids[a]
+        self.row_logits[a], self.row_logits[b] = self.row_logits[b], self.row_logits[a]
         self.row_used[a], self.row_used[b] = self.row_used[b], self.row_used[a]
         for r in (a, b):
             if self.rows[r] is not None:
@@ -423,4 +452,5 @@ class Scheduler:
         self.row_used[r] = time.perf_counter()
         if seq.prefilled < len(seq.prompt_ids):  # cut short in its prefill: only whole chunks are kept
             self.row_ids[r] = self.row_ids[r][:seq.prefilled // self.chunk * self.chunk]
+            self.row_logits[r] = None
         seq.row = -1
