@@ -200,6 +200,21 @@ def test_a_prompt_held_whole_is_not_computed_again(engine, monkeypatch):
     assert [longer.tokens, shorter.tokens] == [s.tokens for s in solo]
 
 
+def test_a_burst_with_a_prompt_held_whole_is_still_prefilled_in_one_step(engine):
+    """An idle scheduler prefills all of a burst before decoding (first tokens together); a prompt of the
+    burst that some row holds whole starts decoding at once, and must not shrink the others' budget to the
+    bounded one of a busy step (the rest would wait a decode step, or several)."""
+    p = prompts((12,), seed=9)[0]
+    sched = Scheduler(engine, [], max_concurrent=4, prefill_chunk=CHUNK, prefill_tokens=CHUNK)
+    sched.submit([Sequence(p, max_tokens=3)])
+    while sched.step():
+        pass
+    burst = [Sequence(p, max_tokens=5)] + [Sequence(q, max_tokens=5) for q in prompts((10, 11, 9), seed=10)]
+    sched.submit(burst)
+    sched.step()
+    assert [len(s.tokens) for s in burst] == [2, 2, 2, 2]  # first tokens, then one decode step of all
+
+
 def test_eos_and_context_end_sequences(engine):
     p = prompts((10,), seed=7)[0]
     free = Sequence(p, max_tokens=30)

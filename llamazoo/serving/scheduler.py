@@ -300,9 +300,9 @@ class Scheduler:
         # while streams are decoding, a bounded prefill per step keeps their tokens flowing; with none
         # decoding nobody waits, so every admitted prompt is prefilled now (a burst gets its first tokens
         # together)
-        for seq in [s for s in self.running if not s.matched and s.prefilled < len(s.prompt_ids)]:
-            self._reuse_whole_prompt(seq)
         budget = self.prefill_tokens if self.decoding else sum(len(s.prompt_ids) for s in self.running)
+        for seq in [s for s in self.running if not s.matched and s.prefilled < len(s.prompt_ids)]:
+            self._reuse_whole_prompt(seq)  # (a burst stays one: the budget is the one it had before)
         todo = [s for s in self.running if s.prefilled < len(s.prompt_ids)]
         while budget > 0 and todo:
             batch, budget = self._next_chunks(todo, budget)
