@@ -75,6 +75,13 @@ def run_all(engine, seqs, admit_every=1, max_concurrent=4, cancel_at=None, max_s
     return sched
 
 
+def finish(sched: Scheduler, *seqs: Sequence) -> None:
+    """Submits the sequences together and steps until the scheduler is idle."""
+    sched.submit(list(seqs))
+    while sched.step():
+        pass
+
+
 def test_batched_sequences_equal_their_solo_runs(engine):
     ps = prompts(LENGTHS)
     solo = []
@@ -148,19 +155,13 @@ def test_whole_chunk_prefixes_are_reused_without_changing_tokens(engine):
     assert cold.cached_tokens == 0
     sched = Scheduler(engine, [], max_concurrent=2, prefill_chunk=CHUNK)
     first, second = Sequence(a, max_tokens=12), Sequence(b, max_tokens=12)
-    sched.submit([first])
-    while sched.step():
-        pass
-    sched.submit([second])
-    while sched.step():
-        pass
+    finish(sched, first)
+    finish(sched, second)
     assert second.cached_tokens == 2 * CHUNK  # the shared whole chunks; the 5 extra tokens are computed
     assert second.tokens == cold.tokens
     # a repeated prompt is reused whole (with its last token's logits), and gives the same tokens again
     again = Sequence(b, max_tokens=12)
-    sched.submit([again])
-    while sched.step():
-        pass
+    finish(sched, again)
     assert again.cached_tokens == len(b) and again.tokens == cold.tokens
 
 
@@ -172,12 +173,8 @@ def test_a_prompt_held_whole_is_not_computed_again(engine, monkeypatch):
     sampled = SamplingParams(do_sample=True, temperature=0.9, top_k=30)
     sched = Scheduler(engine, [], max_concurrent=3, prefill_chunk=CHUNK)
     first, first_s = Sequence(p, max_tokens=10), Sequence(p, max_tokens=10, params=sampled, seed=5)
-    sched.submit([first])
-    while sched.step():
-        pass
-    sched.submit([first_s])
-    while sched.step():
-        pass
+    finish(sched, first)
+    finish(sched, first_s)
     calls = []
     real = sched.slots.prefill_rows
     monkeypatch.setattr(sched.slots, "prefill_rows", lambda *a: calls.append(a) or real(*a))
@@ -185,15 +182,11 @@ def test_a_prompt_held_whole_is_not_computed_again(engine, monkeypatch):
     longer, shorter = Sequence(p + [9], max_tokens=10), Sequence(p[:-1], max_tokens=10)
     sched.submit([again])
     sched.step()  # `again` decodes in its row; the next one copies it from there
-    sched.submit([again_s])
-    while sched.step():
-        pass
+    finish(sched, again_s)
     assert calls == []
     assert again.tokens == first.tokens and again_s.tokens == first_s.tokens
     assert again.cached_tokens == again_s.cached_tokens == len(p)
-    sched.submit([longer, shorter])
-    while sched.step():
-        pass
+    finish(sched, longer, shorter)
     assert len(calls) >= 1 and longer.cached_tokens < len(p) + 1 and shorter.cached_tokens < len(p) - 1
     solo = [Sequence(q, max_tokens=10) for q in (p + [9], p[:-1])]
     run_all(engine, solo)
@@ -206,9 +199,7 @@ def test_a_burst_with_a_prompt_held_whole_is_still_prefilled_in_one_step(engine)
     bounded one of a busy step (the rest would wait a decode step, or several)."""
     p = prompts((12,), seed=9)[0]
     sched = Scheduler(engine, [], max_concurrent=4, prefill_chunk=CHUNK, prefill_tokens=CHUNK)
-    sched.submit([Sequence(p, max_tokens=3)])
-    while sched.step():
-        pass
+    finish(sched, Sequence(p, max_tokens=3))
     burst = [Sequence(p, max_tokens=5)] + [Sequence(q, max_tokens=5) for q in prompts((10, 11, 9), seed=10)]
     sched.submit(burst)
     sched.step()
@@ -222,15 +213,11 @@ def test_eos_and_context_end_sequences(engine):
     eos = free.tokens[4]
     sched = Scheduler(engine, [eos], max_concurrent=2, prefill_chunk=CHUNK)
     s = Sequence(p, max_tokens=30)
-    sched.submit([s])
-    while sched.step():
-        pass
+    finish(sched, s)
     assert s.tokens == free.tokens[:free.tokens.index(eos) + 1] and s.finish_reason == "stop"
     sched = Scheduler(engine, [], max_concurrent=2, prefill_chunk=CHUNK, max_seq_length=16)
     s = Sequence(p, max_tokens=30)
-    sched.submit([s])
-    while sched.step():
-        pass
+    finish(sched, s)
     assert len(s.tokens) == 6 and s.finish_reason == "length"  # 10 prompt + 6 = the 16-token context
 
 
