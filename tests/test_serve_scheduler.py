@@ -165,10 +165,13 @@ def test_whole_chunk_prefixes_are_reused_without_changing_tokens(engine):
     assert again.cached_tokens == len(b) and again.tokens == cold.tokens
 
 
-def test_a_prompt_held_whole_is_not_computed_again(engine, monkeypatch):
+@pytest.mark.parametrize("which", ["engine", "serve_engine_bf16"])
+def test_a_prompt_held_whole_is_not_computed_again(which, request, monkeypatch):
     """A repeated prompt (greedy, or sampled with the same seed) skips the prefill: the first token comes
     from the logits its row kept, from its own row or copied from another one that is still decoding, and
-    the tokens are those of the first run; a prompt one token longer or shorter is computed."""
+    the tokens are those of the first run; a prompt one token longer or shorter is computed (fp32, and bf16
+    as serve runs it)."""
+    engine = request.getfixturevalue(which)
     p = prompts((23,), seed=7)[0]
     sampled = SamplingParams(do_sample=True, temperature=0.9, top_k=30)
     sched = Scheduler(engine, [], max_concurrent=3, prefill_chunk=CHUNK)

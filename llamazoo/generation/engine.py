@@ -274,7 +274,7 @@ class Engine:
                 return have
         n = len(self._cached_ids) if self._cache_shape == (batch, self.model.cache_len) else 0
         old = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v) for layer in self.model.model.layers] if n else []
-        if not old and self.model.lm_head.weight.device.type == "cpu":
+        if not old and self.device.type == "cpu":
             # the previous cache's blocks lie in glibc's heap between long-lived tensors: hand them back
             # before the new cache is touched, or both count in the peak (SmolLM2 int4, batch 8: +10 MB)
             self.model.clear_cache()
