@@ -69,7 +69,7 @@ def test_several_bf16_weights_in_one_call_equal_a_call_each(in_f):
     g = torch.Generator().manual_seed(in_f)
     ws = [torch.randn(n, in_f, generator=g).bfloat16() for n in (64, 18, 18)]  # q/k/v-like, tails of 2 rows
     fused = cpu.MultiLinear(ws)
-    for rows in (1, 3, 8):
+    for rows in (1, 3, 8, 30):  # 30: the panel kernel (prompt-sized calls)
         x = torch.randn(rows, in_f, generator=g).bfloat16()
         for dtype in (torch.float32, torch.bfloat16):
             want = torch.cat([cpu.linear_bf16(x, w, out_dtype=dtype) for w in ws], dim=-1)
@@ -132,13 +132,16 @@ def test_int4_kernel_equals_the_integer_product_of_its_blocks(rows, out_f, in_f,
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-grouped", "int4", "fp32"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-grouped", "int4", "fp32", "fp32-short"])
 def test_a_row_gives_the_same_numbers_alone_and_in_any_batch(kind):
-    """Continuous batching needs it: a sequence decodes to the same tokens whoever shares its steps. fp32:
-    rows longer than the kernel's k slices (several passes over a block carry their sums between slices)."""
+    """Continuous batching needs it: a sequence decodes to the same tokens whoever shares its steps, and
+    a prompt chunk gets the same numbers alone or packed with others. Up to 110 rows: prompt-sized calls
+    run the panel kernel (from 24 / 32 rows; chunks of 96 rows), which must sum as the tile kernels do.
+    Rows of 1056 inputs are longer than the k slices of both (sums carried between slices); 45 outputs
+    end in partial blocks; fp32 rows of 2560 keep the tile kernel at every batch."""
     g = torch.Generator().manual_seed(2)
-    K = 2560 if kind == "fp32" else 256
-    if kind == "fp32":
+    K = {"fp32": 2560, "int4": 256}.get(kind, 1056)
+    if kind.startswith("fp32"):
         w = torch.randn(45, K, generator=g)
         run = cpu.MultiLinear([w[:20], w[20:]])
     elif kind == "bf16":
@@ -153,13 +156,14 @@ def test_a_row_gives_the_same_numbers_alone_and_in_any_batch(kind):
         group = 32 if kind == "int8-grouped" else K
         scale = (torch.rand(45, K // group, generator=g) * 0.01).bfloat16()
         run = lambda x: cpu.linear_int8(x, q, scale, group)  # noqa: E731
-    x = torch.randn(13, K, generator=g)
-    alone = torch.cat([run(x[i:i + 1]) for i in range(13)])
-    if kind == "fp32":
+    n = 110
+    x = torch.randn(n, K, generator=g)
+    alone = torch.cat([run(x[i:i + 1]) for i in range(n)])
+    if kind.startswith("fp32"):
         ref = x.double() @ w.double().t()
         torch.testing.assert_close(run(x).double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    for batch in (2, 3, 4, 7, 13):
-        assert torch.equal(torch.cat([run(x[i:i + batch]) for i in range(0, 13, batch)]), alone)
+    for batch in (2, 3, 4, 7, 13, 24, 37, 100, n):
+        assert torch.equal(torch.cat([run(x[i:i + batch]) for i in range(0, n, batch)]), alone), batch
     torch.set_num_threads(1)
     try:
         assert torch.equal(run(x), alone)  # and with any number of threads
@@ -212,9 +216,9 @@ def test_switched_off_by_environment(monkeypatch):
 
 
 @needs_kernels
-def test_model_linear_takes_the_bf16_kernel_for_decode_rows_only(monkeypatch):
-    """bf16 weights on a CPU without bf16 GEMM kernels: decode rows (fewer than UPCAST_MIN_TOKENS per
-    sequence) through the C kernel, prompts through the upcast GEMM, training (autograd) through F.linear."""
+def test_model_linear_takes_the_bf16_kernel_for_decode_rows_and_prompts(monkeypatch):
+    """bf16 weights on a CPU without bf16 GEMM kernels: decode rows and prompts through the C kernel (a
+    row's numbers do not depend on how many share the call), training (autograd) through F.linear."""
     from llamazoo.model import llama
 
     if not llama._slow_bf16_gemm(torch.ones(1, dtype=torch.bfloat16)):
@@ -228,11 +232,12 @@ def test_model_linear_takes_the_bf16_kernel_for_decode_rows_only(monkeypatch):
     with torch.inference_mode():
         y = llama.linear(x, lin)
         prompt = llama.linear(torch.randn(1, llama.UPCAST_MIN_TOKENS, 64).bfloat16(), lin)
-    assert calls == [(3, 1, 64)] and y.dtype == torch.bfloat16 and prompt.shape == (1, llama.UPCAST_MIN_TOKENS, 24)
+    assert calls == [(3, 1, 64), (1, llama.UPCAST_MIN_TOKENS, 64)]
+    assert y.dtype == torch.bfloat16 and prompt.shape == (1, llama.UPCAST_MIN_TOKENS, 24)
     ref = (x.float() @ lin.weight.float().t() + lin.bias.float()).bfloat16()
     assert (y.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()  # one bf16 rounding apart
     y_grad = llama.linear(x, lin)  # autograd on: F.linear's graph
-    assert len(calls) == 1 and y_grad.requires_grad
+    assert len(calls) == 2 and y_grad.requires_grad
 
 
 @needs_kernels

@@ -195,7 +195,7 @@ class KernelLinear:
 
     def __call__(self, x: torch.Tensor):
         if (torch.is_grad_enabled() or x.dtype not in (torch.float32, self.kernel.dtype)
-                or (x.dim() == 3 and x.shape[1] >= UPCAST_MIN_TOKENS)
+                or (x.dim() == 3 and x.shape[1] >= UPCAST_MIN_TOKENS and self.kernel.dtype == torch.float32)
                 or any(m.weight is not w for m, w in zip(self.members, self.weights))):
             return self._plain(x)
         y = self.kernel(x, out_dtype=x.dtype)

@@ -148,13 +148,140 @@ TILE_KERNEL(f32_rows3, float, _mm256_loadu_ps, (void)0, KC, 3)
 TILE_KERNEL(f32_short, float, _mm256_loadu_ps,
             (_mm_prefetch(next + k * 4 * NR, _MM_HINT_T0), _mm_prefetch(next + k * 4 * NR + 64, _MM_HINT_T0)), 0, MR)
 
+/* Prompt-sized M (PANEL_MIN_ROWS rows and more): the tile kernels above convert every weight vector again for
+ * each pair of x rows and keep 8 accumulators; here each thread converts a panel of PNB weight rows x PKC
+ * inputs to fp32 once (L1-sized: 48 KB), then runs all of a chunk of PMC x rows over it, 3 rows x 4 weight
+ * rows at a time (12 accumulators, 3 x vectors, 1 weight vector: the 16 registers). Same sums in the same
+ * order as the tile kernels (8 lanes over k in steps of 8, carried between slices of k, lanes added
+ * pairwise at the end), so a row's numbers still do not depend on M or on which kernel ran it. 2 threads,
+ * GFLOP/s at 16 / 64 / 168 / 512 rows, upcast fp32 GEMM (torch) vs tile kernel vs panels: SmolLM2's gate
+ * 51/90/94/79 vs 94/97/97/94 vs 104/134/134/135; Llama-2-7b's gate 55/90/100/118 vs 101/107/107/95 vs
+ * 91/129/127/130, its down 58/73/79/80 vs 102/109/98/52 vs 90/130/133/134. */
+#define PNB 12   /* weight rows per panel: 3 tiles of PNR */
+#define PNR 4
+#define PKC 1024 /* inputs per slice of a panel */
+#define PMC 96   /* x rows per chunk (a chunk's slice, 384 KB, stays in L2 while the panels pass over it) */
+#ifndef PANEL_MIN_ROWS /* where panels overtake the tile kernels (Llama-2-7b's shapes; SmolLM2's from ~12 rows) */
+#define PANEL_MIN_ROWS 24
+#endif
+#ifndef INT8_PANEL_MIN_ROWS /* (the int8 tile kernels convert at less cost) */
+#define INT8_PANEL_MIN_ROWS 32
+#endif
+
+enum { PANEL_BF16, PANEL_F32, PANEL_INT8 };
+typedef struct {
+    int kind;
+    const void* w;
+    const uint16_t* scale; /* int8: bf16 [N, K / g] */
+    int64_t g;             /* int8: inputs per scale (K: one per row, applied to the sum as the tile kernel does) */
+} panel_weight;
+
+/* dst[0..kc) = row n's inputs k0..k0+kc as the tile kernels' loaders give them. */
+static inline void panel_row(const panel_weight* pw, int64_t n, int64_t K, int64_t k0, int64_t kc, float* dst) {
+    if (pw->kind == PANEL_BF16) {
+        const uint16_t* src = (const uint16_t*)pw->w + n * K + k0;
+        for (int64_t k = 0; k < kc; k += 8) _mm256_store_ps(dst + k, load_bf16x8(src + k));
+    } else if (pw->kind == PANEL_F32) {
+        memcpy(dst, (const float*)pw->w + n * K + k0, sizeof(float) * kc);
+    } else {
+        const int8_t* src = (const int8_t*)pw->w + n * K + k0;
+        if (pw->g == K) {
+            for (int64_t k = 0; k < kc; k += 8) _mm256_store_ps(dst + k, load_int8x8(src + k));
+        } else {
+            const uint16_t* sc = pw->scale + n * (K / pw->g);
+            for (int64_t k = 0; k < kc; k += 8) {
+                __m256 s = _mm256_set1_ps(bf16_to_float(sc[(k0 + k) / pw->g]));
+                _mm256_store_ps(dst + k, _mm256_mul_ps(load_int8x8(src + k), s));
+            }
+        }
+    }
+}
+
+/* R rows of x (stride ldx) times PNR panel rows (stride kc) over one slice; sums carried in part (stride PNB)
+ * between slices; at the last slice nb (<= PNR) outputs per row are written, times scale[b] when given. */
+#define PANEL_TILE(R)                                                                                      \
+    static inline __attribute__((always_inline)) void panel_tile##R(                                      \
+        const float* x, int64_t ldx, const float* w, int64_t kc, __m256* part, int first, int last, int nb, \
+        const float* scale, void* y, int y_bf16, int64_t ldy, int64_t row, int64_t col) {                  \
+        __m256 acc[R][PNR];                                                                               \
+        for (int a = 0; a < R; a++)                                                                       \
+            for (int b = 0; b < PNR; b++) acc[a][b] = first ? _mm256_setzero_ps() : part[a * PNB + b];    \
+        for (int64_t k = 0; k < kc; k += 8) {                                                             \
+            __m256 xv[R];                                                                                 \
+            for (int a = 0; a < R; a++) xv[a] = _mm256_loadu_ps(x + a * ldx + k);                         \
+            for (int b = 0; b < PNR; b++) {                                                               \
+                __m256 wv = _mm256_load_ps(w + b * kc + k);                                               \
+                for (int a = 0; a < R; a++) acc[a][b] = _mm256_fmadd_ps(wv, xv[a], acc[a][b]);            \
+            }                                                                                             \
+        }                                                                                                 \
+        if (!last) {                                                                                      \
+            for (int a = 0; a < R; a++)                                                                   \
+                for (int b = 0; b < PNR; b++) part[a * PNB + b] = acc[a][b];                              \
+        } else {                                                                                          \
+            for (int a = 0; a < R; a++)                                                                   \
+                for (int b = 0; b < nb; b++)                                                              \
+                    PUT_Y(row + a, col + b, scale ? hsum(acc[a][b]) * scale[b] : hsum(acc[a][b]));       \
+        }                                                                                                 \
+    }
+PANEL_TILE(3)
+PANEL_TILE(2)
+PANEL_TILE(1)
+
+/* y [M, sum of ns] = x [M, K] (fp32) . [W_0; W_1; ...]^T; first / cols as `layout` gives them for PNB rows per block. */
+static void panels(const float* x, const panel_weight* ws, const int64_t* ns, const int64_t* first, const int64_t* cols,
+                   int nw, void* y, int y_bf16, int64_t ldy, int64_t M, int64_t K, int threads) {
+    int64_t blocks = first[nw];
+#pragma omp parallel num_threads(threads)
+    {
+        float* buf = aligned_alloc(64, sizeof(float) * PNB * PKC);
+        __m256* part = aligned_alloc(64, sizeof(__m256) * PMC * PNB);
+        for (int64_t c0 = 0; c0 < M; c0 += PMC) {
+            int64_t c1 = c0 + PMC < M ? c0 + PMC : M;
+#pragma omp for schedule(static)
+            for (int64_t gb = 0; gb < blocks; gb++) {
+                int i = 0;
+                while (gb >= first[i + 1]) i++;
+                const panel_weight* pw = ws + i;
+                int64_t N = ns[i], n0 = (gb - first[i]) * PNB;
+                int nb = N - n0 < PNB ? (int)(N - n0) : PNB;
+                float scale[PNB];
+                int row_scale = pw->kind == PANEL_INT8 && pw->g == K;
+                for (int b = 0; b < PNB; b++) scale[b] = row_scale && b < nb ? bf16_to_float(pw->scale[n0 + b]) : 1.0f;
+                for (int64_t k0 = 0; k0 < K; k0 += PKC) {
+                    int64_t kc = K - k0 < PKC ? K - k0 : PKC;
+                    for (int b = 0; b < PNB; b++) panel_row(pw, n0 + (b < nb ? b : 0), K, k0, kc, buf + b * kc);
+                    int is_first = k0 == 0, is_last = k0 + kc >= K;
+                    for (int64_t m0 = c0; m0 < c1; m0 += 3) {
+                        int r = c1 - m0 < 3 ? (int)(c1 - m0) : 3;
+                        const float* xs = x + m0 * K + k0;
+                        for (int t = 0; t < nb; t += PNR) {
+                            int nt = nb - t < PNR ? nb - t : PNR;
+                            __m256* p = part + (m0 - c0) * PNB + t;
+                            const float* sc = row_scale ? scale + t : NULL;
+                            int64_t col = cols[i] + n0 + t;
+                            if (r == 3)
+                                panel_tile3(xs, K, buf + t * kc, kc, p, is_first, is_last, nt, sc, y, y_bf16, ldy, m0, col);
+                            else if (r == 2)
+                                panel_tile2(xs, K, buf + t * kc, kc, p, is_first, is_last, nt, sc, y, y_bf16, ldy, m0, col);
+                            else
+                                panel_tile1(xs, K, buf + t * kc, kc, p, is_first, is_last, nt, sc, y, y_bf16, ldy, m0, col);
+                        }
+                    }
+                }
+            }
+        }
+        free(buf);
+        free(part);
+    }
+}
+
 #define MAX_WEIGHTS 8
 
 /* first[i]: weight i's first block of rows; cols[i]: its first output column (both nw + 1 long). */
-static void layout(int nw, const int64_t* ns, int64_t* first, int64_t* cols) {
+static void layout(int nw, const int64_t* ns, int64_t* first, int64_t* cols, int64_t rows_per_block) {
     first[0] = cols[0] = 0;
     for (int i = 0; i < nw; i++) {
-        first[i + 1] = first[i] + (ns[i] + NR - 1) / NR;
+        first[i + 1] = first[i] + (ns[i] + rows_per_block - 1) / rows_per_block;
         cols[i + 1] = cols[i] + ns[i];
     }
 }
@@ -164,10 +291,15 @@ static void layout(int nw, const int64_t* ns, int64_t* first, int64_t* cols) {
 void lz_linear_bf16_multi(const void* x, int x_bf16, int nw, const void* const* ws, const int64_t* ns, void* y,
                           int y_bf16, int64_t M, int64_t K, int threads) {
     int64_t first[MAX_WEIGHTS + 1], cols[MAX_WEIGHTS + 1];
-    layout(nw, ns, first, cols);
+    layout(nw, ns, first, cols, NR);
     float* buf;
     const float* xf = fp32_rows(x, x_bf16, M * K, &buf);
-    if (K <= 2048)
+    if (M >= PANEL_MIN_ROWS) {
+        panel_weight pw[MAX_WEIGHTS];
+        for (int i = 0; i < nw; i++) pw[i] = (panel_weight){PANEL_BF16, ws[i], NULL, K};
+        layout(nw, ns, first, cols, PNB);
+        panels(xf, pw, ns, first, cols, nw, y, y_bf16, cols[nw], M, K, threads);
+    } else if (K <= 2048)
         bf16_short(xf, nw, ws, ns, first, cols, y, y_bf16, cols[nw], M, K, threads);
     else
         bf16_long(xf, nw, ws, ns, first, cols, y, y_bf16, cols[nw], M, K, threads);
@@ -184,7 +316,14 @@ void lz_linear_bf16(const void* x, int x_bf16, const uint16_t* w, void* y, int y
 void lz_linear_f32_multi(const float* x, int nw, const void* const* ws, const int64_t* ns, float* y, int64_t M,
                          int64_t K, int threads) {
     int64_t first[MAX_WEIGHTS + 1], cols[MAX_WEIGHTS + 1];
-    layout(nw, ns, first, cols);
+    if (M >= PANEL_MIN_ROWS && K <= 2048) { /* longer rows: copying fp32 panels costs what they gain (7b shapes) */
+        panel_weight pw[MAX_WEIGHTS];
+        for (int i = 0; i < nw; i++) pw[i] = (panel_weight){PANEL_F32, ws[i], NULL, K};
+        layout(nw, ns, first, cols, PNB);
+        panels(x, pw, ns, first, cols, nw, y, 0, cols[nw], M, K, threads);
+        return;
+    }
+    layout(nw, ns, first, cols, NR);
     if (K <= 1024 && M > 1) /* 2 threads, 30 x SmolLM2's at 8 rows, ms: gate+up 12.9 -> 10.4, LM head 6.4 -> 5.6 */
         f32_short(x, nw, ws, ns, first, cols, y, 0, cols[nw], M, K, threads);
     else if (M > 2)
@@ -275,7 +414,12 @@ void lz_linear_int8(const void* x, int x_bf16, const int8_t* w, const uint16_t* 
     const int64_t ldy = N;
     float* buf;
     const float* xf = fp32_rows(x, x_bf16, M * K, &buf);
-    if (g == K && M <= MR && K <= 2048)
+    if (M >= INT8_PANEL_MIN_ROWS) {
+        panel_weight pw = {PANEL_INT8, w, scale, g};
+        int64_t first[2], cols[2];
+        layout(1, &N, first, cols, PNB);
+        panels(xf, &pw, &N, first, cols, 1, y, y_bf16, ldy, M, K, threads);
+    } else if (g == K && M <= MR && K <= 2048)
         int8_rows_short(xf, w, scale, y, y_bf16, M, N, K, ldy, threads);
     else if (g == K)
         int8_rows(xf, w, scale, y, y_bf16, M, N, K, ldy, threads);

@@ -158,9 +158,9 @@ def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
 
     Eager: `lin.packed` when set (llamazoo.generation.packed: a prepacked oneDNN weight; not a module, so
     names and state_dict are unchanged); else, for bf16 weights on a CPU without bf16 GEMM kernels and no
-    autograd, an fp32 GEMM over upcast weight slices for prompts (`bf16_linear_in_fp32`, see
-    UPCAST_MIN_TOKENS) and llamazoo.kernels.cpu's bf16 kernel for fewer rows (decode steps: each row's
-    numbers do not depend on the batch). Under torch.compile, one
+    autograd, llamazoo.kernels.cpu's bf16 kernel for any number of rows (each row's numbers do not depend
+    on the others: prompts and decode steps alike), or without it an fp32 GEMM over upcast weight slices
+    for prompts (`bf16_linear_in_fp32`, see UPCAST_MIN_TOKENS). Under torch.compile, one
     row on CPU (batch-1 decode) is a multiply-reduce: inductor fuses it into one pass over the weight at
     close to memory bandwidth, ~1.5x the extern matrix-vector call `F.linear` becomes. Both accumulate in fp32, like the GEMMs.
     Any other module (a LoRA layer, a quantized linear: llamazoo.model.lora) is simply called, so that
@@ -180,15 +180,15 @@ def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     if packed is not None:
         return packed(x)
     if not torch.is_grad_enabled() and _slow_bf16_gemm(lin.weight):
-        if x.dim() == 3 and x.shape[1] >= UPCAST_MIN_TOKENS:
-            return bf16_linear_in_fp32(x, lin.weight, lin.bias)
-        if _bf16_kernel_fits(lin.weight):
+        if _bf16_kernel_fits(lin.weight):  # any number of rows: a row's numbers do not depend on them
             if lin.bias is None and x.dtype in (torch.float32, torch.bfloat16):
                 return cpu_kernels.linear_bf16(x, lin.weight, out_dtype=x.dtype)  # rounded in the kernel
             y = cpu_kernels.linear_bf16(x, lin.weight)
             if lin.bias is not None:
                 y += lin.bias.float()
             return y.to(x.dtype)
+        if x.dim() == 3 and x.shape[1] >= UPCAST_MIN_TOKENS:
+            return bf16_linear_in_fp32(x, lin.weight, lin.bias)
     return lin(x)
 
 
