@@ -195,8 +195,9 @@ def _vm_flags(address: int) -> list[str]:
                     reason="no transparent huge pages in this kernel (or not Linux)")
 def test_weights_converted_at_load_are_offered_huge_pages(tmp_path):
     """A bf16 folder loaded in fp32: each converted weight of 4 MB or more is a tensor of our own, advised
-    MADV_HUGEPAGE (VmFlags `hg`) before it is written, so the kernel can back it with 2 MB pages; weights
-    read as stored stay in the file's mapping (not advised); the numbers are the plain conversion's."""
+    MADV_HUGEPAGE (VmFlags `hg`) before it is written, so the kernel can back it with 2 MB pages, and the
+    smaller ones of a decoder layer share an advised mapping (HugePageArena); weights read as stored stay
+    in the file's mapping (not advised); the numbers are the plain conversion's."""
     from llamazoo.io.mapped import HUGE_PAGE
 
     cfg = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
@@ -209,3 +210,37 @@ def test_weights_converted_at_load_are_offered_huge_pages(tmp_path):
     as_stored = load_model(tmp_path / "bf16")
     assert "hg" not in _vm_flags(as_stored.model.embed_tokens.weight.data_ptr())
     assert torch.equal(emb, as_stored.model.embed_tokens.weight.float())
+    # a decoder layer's weights (each well under 4 MB) share one advised mapping, each with its own storage
+    layer, stored = fp32.model.layers[0], as_stored.model.layers[0]
+    params = [p for p in layer.parameters() if p.dim() == 2]
+    assert "hg" in _vm_flags(layer.self_attn.q_proj.weight.data_ptr())
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
+    for (name, p), q in zip(layer.named_parameters(), stored.parameters()):
+        assert p.dtype == torch.float32 and torch.equal(p, q.float()), name
+    # and they save like any other (no shared storage for safetensors to refuse) and load back equal
+    save_model(fp32, tmp_path / "fp32")
+    again = load_model(tmp_path / "fp32")
+    assert all(torch.equal(a, b) for a, b in zip(fp32.state_dict().values(), again.state_dict().values()))
+
+
+def test_quantizing_weights_converted_at_load_gives_their_memory_back(tmp_path):
+    """A bf16 folder loaded in fp32 and quantized to int8 at load (model.quantize): each decoder layer's
+    converted matrices share one mapping (HugePageArena), which must go away once they are all replaced,
+    so the process ends near the int8 size, not holding the fp32 layers too."""
+    from llamazoo.io.mapped import trim_heap
+    from llamazoo.model.quantize import quantize_model
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=8)
+    save_model(random_model(cfg, dtype=torch.bfloat16, seed=3), tmp_path / "bf16")
+
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    model = load_model(tmp_path / "bf16", dtype="float32")
+    layer_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
+    before = rss()
+    quantize_model(model, "int8")
+    trim_heap()
+    assert before - rss() >= 0.6 * layer_bytes  # fp32 -> int8 frees 3/4 of the layers' bytes

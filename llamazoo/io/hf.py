@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +18,7 @@ import torch
 
 from llamazoo.io.atomic import replace_path, temp_path_beside
 from llamazoo.io.damaged import reading
-from llamazoo.io.mapped import empty_on_huge_pages, release_pages
+from llamazoo.io.mapped import HugePageArena, empty_on_huge_pages, release_pages
 from llamazoo.model.llama import (LlamaConfig, LlamaForCausalLM, PrecisionOptions, init_weights,
                                   materialize_parameters, replay_default_init)
 from llamazoo.model.registry import NAMED_CONFIGS, named_config
@@ -158,11 +159,15 @@ def random_model(cfg: LlamaConfig, dtype: torch.dtype | None = None, device="cpu
     return model
 
 
+_LAYER = re.compile(r"model\.layers\.\d+\.")
+
+
 def load_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype, device) -> None:
     """Assigns checkpoint tensors to a meta-device model, checking names and shapes."""
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.config.tie_word_embeddings
     loaded: dict[str, torch.Tensor] = {}
+    arenas: dict[str, HugePageArena] = {}
     for name, t, file in iter_tensors(weight_files(folder)):
         if name.endswith("rotary_emb.inv_freq"):
             continue  # old transformers wrote it; we compute it
@@ -175,8 +180,16 @@ def load_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype, devi
                              f"{tuple(expected[name].shape)} from config.json")
         # parameters take the model's dtype; buffers (quantized codes and scales) load as stored
         want = dtype if isinstance(expected[name], torch.nn.Parameter) else t.dtype
-        if want != t.dtype and torch.device(device).type == "cpu":
-            loaded[name] = empty_on_huge_pages(tuple(t.shape), want).copy_(t)  # a converted copy
+        if want != t.dtype and torch.device(device).type == "cpu":  # a converted copy
+            layer = _LAYER.match(name)
+            if layer is None or t.dim() != 2:
+                loaded[name] = empty_on_huge_pages(tuple(t.shape), want).copy_(t)
+            else:  # one arena per decoder layer for its matrices (they convert alike; quantizing them frees it)
+                if layer.group(0) not in arenas:
+                    arenas[layer.group(0)] = HugePageArena({
+                        n: p.numel() * torch.empty(0, dtype=dtype).element_size() for n, p in expected.items()
+                        if n.startswith(layer.group(0)) and isinstance(p, torch.nn.Parameter) and p.dim() == 2})
+                loaded[name] = arenas[layer.group(0)].tensor(name, tuple(t.shape), want).copy_(t)
         else:
             loaded[name] = t.to(device=device, dtype=want)
         if loaded[name] is not t:  # a converted copy: the file's pages of t need not stay resident

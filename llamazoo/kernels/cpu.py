@@ -10,6 +10,8 @@ lz_linear_bf16 4.2 / 13.6 / 48.5; int8 `_weight_int8pack_mm` 4.0 / 17.8 / 68.6 v
 to int8 per 32 inputs and each block's sum is exact (maddubs); 22016 x 4096, group 32, at 1 / 8 / 32 rows:
 2.6 / 12.0 / 46.2 ms vs torch's `_weight_int4pack_mm_for_cpu` 6.4 / 21.1 / 83.8 (a float int4 kernel that
 converted each weight ran at 8.4 ms per row: not kept).
+Prompt-sized calls (24 rows and more; int8 from 32) take a panel path with the same sums (cpu_linear.c):
+130-140 GFLOP/s on 2 threads where torch's upcast fp32 GEMM of a bf16 weight gives 80-118.
 No compiler, another CPU, or LLAMAZOO_CPU_KERNELS=0: `library()` is None and callers keep torch's kernels.
 A failed build warns once and is not retried in that process.
 """
