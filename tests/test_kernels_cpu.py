@@ -275,8 +275,8 @@ def test_engine_fuses_bf16_projections_through_the_kernel_with_the_same_tokens()
 @pytest.mark.parametrize("tie", [False, True])
 def test_fp32_batched_decoding_runs_every_projection_through_the_kernel(tie):
     """Engines packed for batches (generate batches, serve) on fp32 weights: every projection and the LM head
-    (tied or not: nothing copied) through the C kernel, the unpacked model's tokens, a row's numbers the same
-    alone and in a batch (so serve needs no scratch row), state_dict untouched."""
+    (tied or not: nothing copied) through the C kernel, prompts included, the unpacked model's tokens, a
+    row's numbers the same alone and in a batch (so serve needs no scratch row), state_dict untouched."""
     from llamazoo.generation.engine import Engine, SlotCache
     from llamazoo.generation.packed import BATCHED_HINT, KernelLinear, unpack
     from llamazoo.io.hf import random_model
@@ -296,8 +296,17 @@ def test_fp32_batched_decoding_runs_every_projection_through_the_kernel(tie):
         assert isinstance(kernel, KernelLinear)
     assert model.lm_head.packed.weights[0].data_ptr() == model.lm_head.weight.data_ptr()  # not a copy
     assert (model.model.embed_tokens.weight is model.lm_head.weight) == tie
-    assert [r.token_ids for r in engine.generate_batch(prompts, 10)] == plain
-    assert SlotCache(engine, 4, 64).min_rows == 1
+    calls = []
+    real = cpu.MultiLinear.__call__
+    with pytest.MonkeyPatch.context() as mp:  # prompts too (the 20-token one in one call per projection)
+        mp.setattr(cpu.MultiLinear, "__call__", lambda self, x, **kw: calls.append(x.shape) or real(self, x, **kw))
+        assert [r.token_ids for r in engine.generate_batch(prompts, 10)] == plain
+    assert (3, 20, 64) in calls
+    slots = SlotCache(engine, 4, 64)
+    assert slots.min_rows == 1
+    # a prompt's numbers alone and packed with others in one pass
+    alone = slots.prefill(0, prompts[2], 0)
+    assert torch.equal(slots.prefill_rows(0, [(prompts[2], 0), ([3] * 17, 0)])[0], alone.reshape(-1))
     after = model.state_dict()  # unpacks first
     assert all(torch.equal(after[k], weights[k]) for k in weights)
     assert layer.self_attn.fused_qkv is None and "packed" not in model.lm_head.__dict__

@@ -555,7 +555,7 @@ class SlotCache:
         are packed one after the other in one row (no padding: 32 prompts of 20-25 tokens, 716 tokens, ran
         800 padded rows); shorter ones are right-padded to the longest, and such a pass ends where padding
         would exceed half its tokens. A pass also ends where the chunk length crosses UPCAST_MIN_TOKENS
-        (fp32 projections, and bf16 ones without the C kernel, take another matmul path from there), so callers that sort chunks by length get few passes. A padded token writes a slot past its row's chunk, which the row's next
+        (without llamazoo's C kernels, prompts take another matmul path from there), so callers that sort chunks by length get few passes. A padded token writes a slot past its row's chunk, which the row's next
         token overwrites before anything reads it. Equal to one row at a time where the model's kernels
         are row-invariant: `probe_batched_prefill` checks."""
         lens = [len(ids) for ids, _ in chunks]

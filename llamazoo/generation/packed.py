@@ -34,7 +34,7 @@ from torch import nn
 
 from llamazoo.io.mapped import discard_pages, release_pages, trim_heap
 from llamazoo.kernels import cpu as cpu_kernels
-from llamazoo.model.llama import UPCAST_MIN_TOKENS, _slow_bf16_gemm, fp32_linear_weight_first, linear
+from llamazoo.model.llama import _slow_bf16_gemm, linear
 from llamazoo.model.quantize import FusedWeightOnly, WeightOnlyLinear, fuse_quantized
 
 PACKABLE = (torch.float32, torch.bfloat16)
@@ -149,21 +149,17 @@ class PackedLinear:
         self.in_place = False
 
 
-# fp32 weights of at least this many elements run prompts weight-first (Llama-2-7b's, 2 threads, 32 rows:
-# 22016 x 4096 106 -> 65 ms, 4096 x 11008 40 -> 25); smaller ones keep F.linear, as fast or faster there
-# (SmolLM2's 1536 x 576 at 25 / 200 / 800 rows, F.linear vs weight-first with its copy: 0.54 / 2.8 / 9.2
-# vs 0.69 / 2.8 / 10.7 ms).
-WEIGHT_FIRST_MIN = 1 << 22
-
-
 class KernelLinear:
     """Linear layers through llamazoo's C kernel (`MultiLinear`) on their weights as they are (nothing copied
-    or packed), for the rows it serves: decode steps (fewer than UPCAST_MIN_TOKENS tokens per sequence).
+    or packed), for every call without autograd: decode steps and prompts (the kernel's panel path).
     Several members (q/k/v, gate/up) run in one call and come back as a tuple (`fused_qkv`, `fused_gate_up`);
-    one member is a layer's `packed` and gives a tensor. Prompts, autograd and any other case take the
-    layer's usual path. Each output is the number the member's own kernel call gives, whatever the batch.
-    Used for bf16 weights where oneDNN has no bf16 kernels (AVX2), and for fp32 batched decoding (generate
-    batches, serve), where the kernel beats oneDNN's packed weights at a few rows (see cpu_linear.c)."""
+    one member is a layer's `packed` and gives a tensor. Autograd and any other case take the layer's
+    usual path. Each output is the number the member's own kernel call gives, whatever the batch or the
+    prompt length. Used for bf16 weights where oneDNN has no bf16 kernels (AVX2), and for fp32 generate and
+    serve, where the kernel beats oneDNN's packed weights at a few rows and torch's GEMM at prompts (2
+    threads, fp32, ms at 16 / 32 / 128 rows: Llama-2-7b's gate 11008 x 4096, F.linear 62 / 75 / 170, its
+    weight-first product (W x^T)^T 29 / 39 / 101, the kernel 15 / 25 / 89; SmolLM2 prompts of 7 x 24
+    tokens in one pass 423-488 -> 372-416 ms)."""
 
     def __init__(self, members: Sequence[nn.Linear]):
         self.members = list(members)
@@ -182,12 +178,6 @@ class KernelLinear:
                 and len({m.in_features for m in members}) == 1)
 
     def _plain(self, x: torch.Tensor):
-        if (self.kernel.dtype == torch.float32 and x.dtype == torch.float32 and not torch.is_grad_enabled()
-                and x.numel() >= 2 * x.shape[-1] and self.members[0].weight.numel() >= WEIGHT_FIRST_MIN):
-            # fp32 prompts on large plain weights: the weight-first product, ~1.6x F.linear's speed (see
-            # fp32_linear_weight_first), within ~10% of oneDNN's packed weights (7b shapes, 32 rows)
-            ys = tuple(fp32_linear_weight_first(x, m.weight, m.bias).contiguous() for m in self.members)
-            return ys if len(ys) > 1 else ys[0]
         if len(self.members) > 1:
             return tuple(linear(x, m) for m in self.members)
         m = self.members[0]
@@ -195,7 +185,6 @@ class KernelLinear:
 
     def __call__(self, x: torch.Tensor):
         if (torch.is_grad_enabled() or x.dtype not in (torch.float32, self.kernel.dtype)
-                or (x.dim() == 3 and x.shape[1] >= UPCAST_MIN_TOKENS and self.kernel.dtype == torch.float32)
                 or any(m.weight is not w for m, w in zip(self.members, self.weights))):
             return self._plain(x)
         y = self.kernel(x, out_dtype=x.dtype)
