@@ -160,12 +160,27 @@ def test_upcast_prompt_rows_do_not_depend_on_the_rows_beside_them(shape):
         assert torch.equal(llama.bf16_linear_in_fp32(many[:, :rows], w, None)[:, :20], alone), rows
 
 
+def bf16_against_transformers(hf_folder, rows: int):
+    """Our bf16 model and its logits for `rows` random 40-token prompts, after checking that they are as close
+    to the fp32 reference as transformers' bf16 model's and pick the same tokens (95%)."""
+    import transformers
+
+    hf_model, folder = hf_folder(num_key_value_heads=2)
+    hf_bf16 = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    ours = load_model(folder, dtype="bfloat16")
+    ids = torch.randint(0, 256, (rows, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, ref32 = hf_bf16(ids).logits.float(), hf_model(ids).logits
+        got = ours(ids).float()
+    assert (got - ref32).abs().max() <= 1.5 * (ref - ref32).abs().max() + 1e-3  # as close to fp32 as HF bf16
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+    return ours, ids, got
+
+
 def test_bf16_prompts_run_the_c_kernel_where_the_cpu_has_no_bf16_gemm(hf_folder, monkeypatch):
     """With llamazoo's C kernel built, bf16 prompts on such CPUs take it too (its panel path from 24 rows):
     logits as close to fp32 as transformers' bf16 model, and each prompt's numbers the same alone or
     with others in the batch (the kernel's sums do not depend on the row count)."""
-    import transformers
-
     from llamazoo.kernels import cpu as cpu_kernels
     from llamazoo.model import llama
 
@@ -175,18 +190,11 @@ def test_bf16_prompts_run_the_c_kernel_where_the_cpu_has_no_bf16_gemm(hf_folder,
     calls = []
     real = cpu_kernels.linear_bf16
     monkeypatch.setattr(cpu_kernels, "linear_bf16", lambda x, w, **kw: calls.append(x.shape) or real(x, w, **kw))
-    hf_model, folder = hf_folder(num_key_value_heads=2)
-    hf_bf16 = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16)
-    ours = load_model(folder, dtype="bfloat16")
-    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
+    ours, ids, got = bf16_against_transformers(hf_folder, 3)
     with torch.no_grad():
-        ref, ref32 = hf_bf16(ids).logits.float(), hf_model(ids).logits
-        got = ours(ids).float()
         alone = ours(ids[1:2]).float()
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in ours.modules())
     assert len(calls) == 2 * n_linear and calls[0] == (3, 40, 64)
-    assert (got - ref32).abs().max() <= 1.5 * (ref - ref32).abs().max() + 1e-3  # as close to fp32 as HF bf16
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
     assert torch.equal(alone[0], got[1])
 
 
@@ -195,8 +203,6 @@ def test_bf16_prompts_upcast_where_the_cpu_has_no_bf16_gemm(hf_folder, monkeypat
     of the upcast weight on CPUs without bf16 GEMM kernels where llamazoo's C kernel is not built: the
     bf16 result of fp32 accumulation, as transformers' bf16 model gives; one-token steps and training keep
     F.linear."""
-    import transformers
-
     from llamazoo.model import llama
 
     monkeypatch.setattr(llama, "_native_bf16", False)  # as on an AVX2 CPU, whatever this one has
@@ -213,17 +219,9 @@ def test_bf16_prompts_upcast_where_the_cpu_has_no_bf16_gemm(hf_folder, monkeypat
     calls = []
     real = llama.bf16_linear_in_fp32
     monkeypatch.setattr(llama, "bf16_linear_in_fp32", lambda *a: calls.append(a[0].shape) or real(*a))
-    hf_model, folder = hf_folder(num_key_value_heads=2)
-    hf_bf16 = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16)
-    ours = load_model(folder, dtype="bfloat16")
-    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref, ref32 = hf_bf16(ids).logits.float(), hf_model(ids).logits
-        got = ours(ids).float()
+    ours, ids, _ = bf16_against_transformers(hf_folder, 2)
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in ours.modules())
     assert len(calls) == n_linear and all(s[1] == 40 for s in calls)
-    assert (got - ref32).abs().max() <= 1.5 * (ref - ref32).abs().max() + 1e-3  # as close to fp32 as HF bf16
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
     calls.clear()
     with torch.no_grad():
         ours(ids[:, :llama.UPCAST_MIN_TOKENS - 1])  # too short
