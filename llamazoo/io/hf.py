@@ -187,7 +187,7 @@ def load_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype, devi
             else:  # one arena per decoder layer for its matrices (they convert alike; quantizing them frees it)
                 if layer.group(0) not in arenas:
                     arenas[layer.group(0)] = HugePageArena({
-                        n: p.numel() * torch.empty(0, dtype=dtype).element_size() for n, p in expected.items()
+                        n: p.numel() * dtype.itemsize for n, p in expected.items()
                         if n.startswith(layer.group(0)) and isinstance(p, torch.nn.Parameter) and p.dim() == 2})
                 loaded[name] = arenas[layer.group(0)].tensor(name, tuple(t.shape), want).copy_(t)
         else:

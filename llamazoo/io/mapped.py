@@ -14,6 +14,7 @@ on a 70 MB int4 model), so release_pages also hands free heap memory back (mallo
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import sys
 
@@ -94,23 +95,18 @@ def discard_pages(t: torch.Tensor) -> int:
     return 0 if libc is None else _drop_pages(libc, t)
 
 
-_MADV_HUGEPAGE = 14
 HUGE_PAGE = 2 << 20
 
 
 def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An empty CPU tensor whose whole 2 MB pages the kernel may back with transparent huge pages (asked
-    before anything touches them; Linux with THP in `madvise` or `always` mode, else a plain tensor). Why:
-    a decode step streams every weight once, and with 4 KB pages each 4 KB costs a TLB miss (2 threads,
-    SmolLM2's fp32 LM head at one row 4.9 -> 4.4 ms, Llama-2-7b's gate/up 10.2 -> 9.9 ms)."""
-    t = torch.empty(shape, dtype=dtype)
-    if sys.platform == "linux" and t.numel() * t.element_size() >= 2 * HUGE_PAGE:
-        libc = _libc()
-        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        a, b = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
-        if libc is not None and b > a:
-            libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_HUGEPAGE)
-    return t
+    """An empty CPU tensor whose whole 2 MB pages the kernel may back with transparent huge pages (a
+    HugePageArena of its own from 4 MB on; smaller ones a plain tensor). Why: a decode step streams every
+    weight once, and with 4 KB pages each 4 KB costs a TLB miss (2 threads, SmolLM2's fp32 LM head at one
+    row 4.9 -> 4.4 ms, Llama-2-7b's gate/up 10.2 -> 9.9 ms)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < 2 * HUGE_PAGE:
+        return torch.empty(shape, dtype=dtype)
+    return HugePageArena({"": nbytes}).tensor("", shape, dtype)
 
 
 class HugePageArena:
@@ -132,27 +128,28 @@ class HugePageArena:
             self.offsets[name] = total
             total += -(-n // self.ALIGN) * self.ALIGN
         self.nbytes = dict(nbytes)
+        self._start = 0
+        if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
+            self._map: mmap.mmap | bytearray = bytearray(max(total, 1))  # no THP to ask for: plain memory
+            return
         # private: a shared anonymous mapping is shmem, which THP leaves alone by default
         self._map = mmap.mmap(-1, max(total, 1) + HUGE_PAGE,  # the slack aligns the start; never touched
-                              flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
+                              flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         view = ctypes.c_char.from_buffer(self._map)
         base = ctypes.addressof(view)
         del view  # (an export would keep the mapping open forever)
         self._start = -base % HUGE_PAGE
-        lo, hi = base + self._start, base + self._start + total
-        end = hi // HUGE_PAGE * HUGE_PAGE
-        if sys.platform == "linux" and end > lo and hasattr(mmap, "MADV_HUGEPAGE"):
+        end = (base + self._start + total) // HUGE_PAGE * HUGE_PAGE
+        if end > base + self._start:
             try:
-                self._map.madvise(mmap.MADV_HUGEPAGE, self._start, end - lo)
+                self._map.madvise(mmap.MADV_HUGEPAGE, self._start, end - base - self._start)
             except OSError:
                 pass  # a kernel without THP: plain pages
 
     def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The empty tensor for `name` (its bytes must match what the arena was made for)."""
-        n = 1
-        for d in shape:
-            n *= d
-        if n * torch.empty(0, dtype=dtype).element_size() != self.nbytes[name]:
+        n = math.prod(shape)
+        if n * dtype.itemsize != self.nbytes[name]:
             raise ValueError(f"HugePageArena: {name} {shape} {dtype} is not the size it was given")
         if n == 0:
             return torch.empty(shape, dtype=dtype)

@@ -286,6 +286,16 @@ static void layout(int nw, const int64_t* ns, int64_t* first, int64_t* cols, int
     }
 }
 
+/* panels() over nw weights of one kind without scales (bf16, fp32). */
+static void panels_of(int kind, const float* x, int nw, const void* const* ws, const int64_t* ns, void* y, int y_bf16,
+                      int64_t M, int64_t K, int threads) {
+    panel_weight pw[MAX_WEIGHTS];
+    int64_t first[MAX_WEIGHTS + 1], cols[MAX_WEIGHTS + 1];
+    for (int i = 0; i < nw; i++) pw[i] = (panel_weight){kind, ws[i], NULL, K};
+    layout(nw, ns, first, cols, PNB);
+    panels(x, pw, ns, first, cols, nw, y, y_bf16, cols[nw], M, K, threads);
+}
+
 /* y [M, sum of ns] = x [M, K] . [W_0; W_1; ...]^T for nw bf16 weights W_i [ns[i], K] (nw <= MAX_WEIGHTS);
  * x fp32 or bf16 (x_bf16), y fp32 or bf16 (y_bf16: each fp32 sum rounded once). */
 void lz_linear_bf16_multi(const void* x, int x_bf16, int nw, const void* const* ws, const int64_t* ns, void* y,
@@ -294,12 +304,9 @@ void lz_linear_bf16_multi(const void* x, int x_bf16, int nw, const void* const* 
     layout(nw, ns, first, cols, NR);
     float* buf;
     const float* xf = fp32_rows(x, x_bf16, M * K, &buf);
-    if (M >= PANEL_MIN_ROWS) {
-        panel_weight pw[MAX_WEIGHTS];
-        for (int i = 0; i < nw; i++) pw[i] = (panel_weight){PANEL_BF16, ws[i], NULL, K};
-        layout(nw, ns, first, cols, PNB);
-        panels(xf, pw, ns, first, cols, nw, y, y_bf16, cols[nw], M, K, threads);
-    } else if (K <= 2048)
+    if (M >= PANEL_MIN_ROWS)
+        panels_of(PANEL_BF16, xf, nw, ws, ns, y, y_bf16, M, K, threads);
+    else if (K <= 2048)
         bf16_short(xf, nw, ws, ns, first, cols, y, y_bf16, cols[nw], M, K, threads);
     else
         bf16_long(xf, nw, ws, ns, first, cols, y, y_bf16, cols[nw], M, K, threads);
@@ -315,14 +322,11 @@ void lz_linear_bf16(const void* x, int x_bf16, const uint16_t* w, void* y, int y
 /* y [M, sum of ns] = x [M, K] . [W_0; W_1; ...]^T for nw fp32 weights (nw <= MAX_WEIGHTS), all fp32. */
 void lz_linear_f32_multi(const float* x, int nw, const void* const* ws, const int64_t* ns, float* y, int64_t M,
                          int64_t K, int threads) {
-    int64_t first[MAX_WEIGHTS + 1], cols[MAX_WEIGHTS + 1];
     if (M >= PANEL_MIN_ROWS && K <= 2048) { /* longer rows: copying fp32 panels costs what they gain (7b shapes) */
-        panel_weight pw[MAX_WEIGHTS];
-        for (int i = 0; i < nw; i++) pw[i] = (panel_weight){PANEL_F32, ws[i], NULL, K};
-        layout(nw, ns, first, cols, PNB);
-        panels(x, pw, ns, first, cols, nw, y, 0, cols[nw], M, K, threads);
+        panels_of(PANEL_F32, x, nw, ws, ns, y, 0, M, K, threads);
         return;
     }
+    int64_t first[MAX_WEIGHTS + 1], cols[MAX_WEIGHTS + 1];
     layout(nw, ns, first, cols, NR);
     if (K <= 1024 && M > 1) /* 2 threads, 30 x SmolLM2's at 8 rows, ms: gate+up 12.9 -> 10.4, LM head 6.4 -> 5.6 */
         f32_short(x, nw, ws, ns, first, cols, y, 0, cols[nw], M, K, threads);
