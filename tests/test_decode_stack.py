@@ -20,9 +20,10 @@ pytestmark = needs_kernels
 
 
 def teacher_forced(model, prompt_len: int = 9, steps: int = 12, rows: int = 2, stack: bool = True,
-                   hidden: bool = False) -> torch.Tensor:
+                   hidden: bool = False, last: bool = False) -> torch.Tensor:
     """fp32 logits [steps, rows, V] (or the final hidden states) of one-token steps after a prompt (the same
-    random tokens either way), rows at different lengths ([B,1] cache positions, as serve decodes them)."""
+    random tokens either way), rows at different lengths ([B,1] cache positions, as serve decodes them).
+    last: as generation asks for them (last_logits=True: the stack's own final norm and head, where it has them)."""
     saved = model.__dict__.get("decode_stack")
     if not stack:
         model.__dict__.pop("decode_stack", None)
@@ -46,8 +47,9 @@ def teacher_forced(model, prompt_len: int = 9, steps: int = 12, rows: int = 2, s
             for s in range(steps):
                 pos = (lens + s)[:, None]
                 mask = (torch.arange(32 * (1 + int(pos.max()) // 32)) <= pos)[:, None, None, :]
-                out.append(model(feed[s][:, None], position_ids=pos, attention_mask=mask, cache_pos=pos,
-                                 return_hidden=hidden)[:, -1].float())
+                y = model(feed[s][:, None], position_ids=pos, attention_mask=mask, cache_pos=pos,
+                          return_hidden=hidden, last_logits=last)
+                out.append(y if last else y[:, -1].float())
     finally:
         if saved is not None:
             model.decode_stack = saved
@@ -69,13 +71,16 @@ def test_stack_steps_equal_the_model_layers(tmp_path, variant):
     hf_tiny_model(max_position_embeddings=256, **overrides).save_pretrained(tmp_path)
     model = load_model(tmp_path, dtype=dtype, opts=PrecisionOptions(**knobs)) if knobs else load_model(tmp_path, dtype=dtype)
     assert install_decode_stack(model)
+    assert model.decode_stack.stack.vocab == model.config.vocab_size  # the final norm and head in the call too
     ref = teacher_forced(model, stack=False)
-    got = teacher_forced(model)
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    else:  # each op rounded as torch rounds it; reductions in another order flip a last bit now and then
-        assert (got - ref).abs().mean() < 0.02 * ref.abs().mean()
-        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    for got in (teacher_forced(model), teacher_forced(model, last=True)):  # the model's head, the stack's
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        else:  # each op rounded as torch rounds it; reductions in another order flip a last bit now and then
+            assert (got - ref).abs().mean() < 0.02 * ref.abs().mean()
+            assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    # without the stack, last_logits is the model's head (plain fp32 at 2 rows: the weight-first product)
+    torch.testing.assert_close(teacher_forced(model, stack=False, last=True), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_a_row_gets_the_same_numbers_alone_and_among_others(tmp_path):
@@ -88,6 +93,8 @@ def test_a_row_gets_the_same_numbers_alone_and_among_others(tmp_path):
         three = teacher_forced(model, rows=3, hidden=True)
         one = teacher_forced(model, rows=1, hidden=True)
         assert torch.equal(three[:, 0], one[:, 0])
+        # the logits too, where the stack runs the head (its kernel's sums do not depend on the rows)
+        assert torch.equal(teacher_forced(model, rows=3, last=True)[:, 0], teacher_forced(model, rows=1, last=True)[:, 0])
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -96,10 +103,11 @@ def test_int8_and_int4_layers_run_in_the_stack(tmp_path, kind):
     model = load_model(tmp_path, dtype=torch.bfloat16)
     quantize_model(model, kind, group_size=32)
     assert pack_for_inference(model) and "decode_stack" in model.__dict__  # fused q/k/v, gate/up, then the stack
+    assert model.decode_stack.stack.vocab  # the int8 head in the call too
     ref = teacher_forced(model, stack=False)
-    got = teacher_forced(model)
-    assert (got - ref).abs().mean() < 0.02 * ref.abs().mean()
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    for got in (teacher_forced(model), teacher_forced(model, last=True)):
+        assert (got - ref).abs().mean() < 0.02 * ref.abs().mean()
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
 def test_engines_install_it_and_give_the_tokens_of_the_layers(tmp_path):
@@ -151,6 +159,10 @@ def test_replaced_weights_or_a_step_it_cannot_run_take_the_layers(tmp_path):
     got = teacher_forced(model)
     ref = teacher_forced(model, stack=False)
     assert torch.equal(got, ref)
+    model = load_model(tmp_path)
+    assert install_decode_stack(model)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 2)  # the head the stack reads
+    assert torch.equal(teacher_forced(model, last=True), teacher_forced(model, stack=False, last=True))
     h = torch.zeros(1, 1, model.config.hidden_size)
     assert stack(h, None, None, torch.ones(1, 1, 1, 4, dtype=torch.bool), torch.tensor([0])) is None
 

@@ -328,14 +328,14 @@ def test_a_plain_fp32_head_takes_the_weight_first_product_for_several_rows(tmp_p
     """The engine's LM head, plain fp32 on CPU (an engine without packing or llamazoo's kernels), computes
     (W x^T)^T from two rows on: the same logits as F.linear within fp32 rounding, and the same greedy tokens;
     one row keeps F.linear."""
-    from llamazoo.generation import engine as engine_module
+    from llamazoo.model import llama as llama_module
     from llamazoo.model.llama import fp32_linear_weight_first
 
     hf_tiny_model(max_position_embeddings=256, tie_word_embeddings=True).save_pretrained(tmp_path)
     eng = Engine(load_model(tmp_path), tokenizer=None, pack=False)
     assert "packed" not in eng.model.lm_head.__dict__
     calls = []
-    monkeypatch.setattr(engine_module, "fp32_linear_weight_first",
+    monkeypatch.setattr(llama_module, "fp32_linear_weight_first",
                         lambda *a: calls.append(a[0].shape) or fp32_linear_weight_first(*a))
     h = torch.randn(3, 4, eng.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

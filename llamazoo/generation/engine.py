@@ -19,7 +19,7 @@ from llamazoo.generation.packed import decode_stack_fits, pack_for_inference, un
 from llamazoo.generation.sampling import SamplingParams, choose_tokens
 from llamazoo.io.mapped import trim_heap
 from llamazoo.kernels import cpu as cpu_kernels
-from llamazoo.model.llama import UPCAST_MIN_TOKENS, attention_width, fp32_linear_weight_first, linear
+from llamazoo.model.llama import UPCAST_MIN_TOKENS, attention_width
 
 log = logging.getLogger("llamazoo.generate")
 
@@ -220,20 +220,12 @@ class Engine:
 
     # -- model calls ------------------------------------------------------------------------------
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of the last position only [B,V] from the final hidden states. A plain fp32 head on
-        CPU (a tied one is not packed) with 2+ rows takes the weight-first product (2x faster there)."""
-        head = self.model.lm_head
-        x = h[:, -1].to(head.weight.dtype)
-        w = head.weight
-        if (x.shape[0] >= 2 and w.dtype == torch.float32 and w.device.type == "cpu" and type(head) is nn.Linear
-                and "packed" not in head.__dict__ and not hasattr(w, "placements")):
-            return fp32_linear_weight_first(x, w, head.bias)
-        return linear(x, head).float()
+        """fp32 logits of the last position only [B,V] from the final hidden states."""
+        return self.model.head_logits(h[:, -1])
 
     def _eager_step(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache_pos: torch.Tensor):
         """Runs the model on new tokens (prefill or decode) and returns fp32 logits [B,V] of the last one."""
-        h = self.model(ids, position_ids=pos, attention_mask=mask, cache_pos=cache_pos, return_hidden=True)
-        return self._logits(h)
+        return self.model(ids, position_ids=pos, attention_mask=mask, cache_pos=cache_pos, last_logits=True)
 
     def _compiled_step(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache_pos: torch.Tensor):
         if not self.compile:  # the compile failed earlier in this batch (compile_fallback)

@@ -225,17 +225,22 @@ class StackedDecode:
         raise AttributeError(f"{type(mod).__name__} has no {attr}")
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                 cache_pos: torch.Tensor) -> torch.Tensor | None:
+                 cache_pos: torch.Tensor, logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(h after the layers [B, 1, D], with `logits` the fp32 logits [B, V] of the final norm and head where
+        the stack has them, else None), or None where the stack does not apply to this step."""
         B, _, D = h.shape
         for home, attr, t in self._slots:
             if home.get(attr) is not t:
                 return None
         caches = []
-        for attn in self.attns:
-            c = attn.kv_cache
-            if c is None or c.k.dtype != self.stack.dtype or not c.k.is_contiguous() or not c.v.is_contiguous():
+        for attn in self.attns:  # through the modules' dicts: nn.Module.__getattr__ costs ~1.5 us a lookup
+            c = attn._modules.get("kv_cache")
+            if c is None:
                 return None
-            caches.append((c.k, c.v))
+            k, v = c._buffers["k"], c._buffers["v"]
+            if k.dtype != self.stack.dtype or not k.is_contiguous() or not v.is_contiguous():
+                return None
+            caches.append((k, v))
         W = mask.shape[-1]
         if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[0] not in (1, B):
             return None
@@ -243,9 +248,11 @@ class StackedDecode:
         if slot.numel() not in (1, B):
             return None
         hd = self.stack.head_dim
+        logits = logits and self.stack.vocab > 0
         out = self.stack(h.reshape(B, D).contiguous(), caches, slot.expand(B), mask.reshape(-1, W).expand(B, W),
-                         cos.reshape(-1, hd).expand(B, hd), sin.reshape(-1, hd).expand(B, hd))
-        return out.view(B, 1, D)
+                         cos.reshape(-1, hd).expand(B, hd), sin.reshape(-1, hd).expand(B, hd), logits=logits)
+        h, y = out if logits else (out, None)
+        return h.view(B, 1, D), y
 
 
 def _projection(mods: Sequence[nn.Module], fused: object, dtype: torch.dtype,
@@ -306,19 +313,34 @@ def _stack_specs(model: nn.Module) -> tuple[list[dict], list] | None:
     return layers, held
 
 
+def _head_spec(model: nn.Module, held: list) -> tuple[torch.Tensor, cpu_kernels.Projection] | None:
+    """The final norm and the LM head as the decode stack runs them after the layers (None: the model runs
+    them, e.g. a LoRA head or another eps)."""
+    norm, eps = model.model.norm, model.model.layers[0].input_layernorm.eps
+    if norm.weight.dtype != model.lm_head.weight.dtype or norm.eps != eps:
+        return None
+    mine: list = []
+    head = _projection([model.lm_head], None, norm.weight.dtype, mine)
+    if head is None:
+        return None
+    held += mine + [(norm, "weight", norm.weight)]
+    return norm.weight.detach(), head
+
+
 def install_decode_stack(model: nn.Module) -> bool:
     """Sets the model's `decode_stack` (StackedDecode) where `decode_stack_fits`; returns whether it did."""
     specs = _stack_specs(model)
     if specs is None:
         return False
     layers, held = specs
+    final_norm, head = _head_spec(model, held) or (None, None)
     dtype = model.lm_head.weight.dtype
     a = model.model.layers[0].self_attn
     try:
         stack = cpu_kernels.DecoderStack(
             layers, heads=a.q_proj.out_features // a.head_dim, kv_heads=a.k_proj.out_features // a.head_dim,
             head_dim=a.head_dim, dtype=dtype, eps=model.model.layers[0].input_layernorm.eps,
-            fp32_ln=model.opts.fp32_ln, mixedp_attn=model.opts.mixedp_attn)
+            fp32_ln=model.opts.fp32_ln, mixedp_attn=model.opts.mixedp_attn, final_norm=final_norm, head=head)
     except ValueError:
         return False
     model.decode_stack = StackedDecode(model, stack, held)

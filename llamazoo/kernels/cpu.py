@@ -45,7 +45,7 @@ SIGNATURES = {
     "lz_linear_f32_multi": [_P, _INT, _P, _P, _P, _I64, _I64, _INT],
     "lz_linear_int8": [_P, _INT, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _INT],
     "lz_linear_int4": [_P, _INT, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _INT],
-    "lz_decode_stack": [_P, _P, _P, _I64, _P, _P, _I64, _P, _P, _INT],
+    "lz_decode_stack": [_P, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _INT],
 }
 
 _library: ctypes.CDLL | None = None
@@ -227,7 +227,7 @@ class _Layer(ctypes.Structure):
 class _Stack(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("n_layers", "hidden", "heads", "kv_heads", "head_dim", "inter",
                                                      "slots", "bf16", "fp32_ln", "round_probs")] + \
-               [("eps", ctypes.c_float), ("attn_scale", ctypes.c_float)]
+               [("eps", ctypes.c_float), ("attn_scale", ctypes.c_float), ("final_norm", ctypes.c_void_p), ("head", _Proj)]
 
 
 _KINDS = {"bf16": 0, "fp32": 1, "int8": 2, "int4": 3}
@@ -256,10 +256,13 @@ class Projection:
 class DecoderStack:
     """One decode step of every decoder layer in one kernel call (cpu_decode.c), over the layers' weights as
     they are (referenced, not copied). `layers`: per layer a dict of attn_norm, mlp_norm (weights in the model
-    dtype) and the Projections qkv, o, gate_up, down (qkv's outputs: q, k, v heads in order)."""
+    dtype) and the Projections qkv, o, gate_up, down (qkv's outputs: q, k, v heads in order). `final_norm` and
+    `head` (a Projection), when given, let a call also give the logits (the step of a 135M model is ~20 ms:
+    the ~1 ms of torch ops and Python of a separate norm and head call is worth saving)."""
 
     def __init__(self, layers: list[dict], *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 eps: float, fp32_ln: bool, mixedp_attn: bool):
+                 eps: float, fp32_ln: bool, mixedp_attn: bool, final_norm: torch.Tensor | None = None,
+                 head: Projection | None = None):
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"DecoderStack: float32 or bfloat16 models, not {dtype}")
         if head_dim > 1024 or head_dim % 2:
@@ -281,6 +284,15 @@ class DecoderStack:
                              head_dim=head_dim, inter=inter, slots=0, bf16=int(dtype == torch.bfloat16),
                              fp32_ln=int(fp32_ln), round_probs=int(dtype == torch.bfloat16 and mixedp_attn),
                              eps=eps, attn_scale=head_dim ** -0.5)
+        self.vocab = 0
+        if head is not None:
+            if final_norm is None or final_norm.dtype != dtype or final_norm.shape != (self.hidden,) \
+                    or not final_norm.is_contiguous() or head.in_features != self.hidden:
+                raise ValueError("DecoderStack: a head [vocab, hidden] and its final norm [hidden] in the model dtype")
+            self.keep = [*layers, {"final_norm": final_norm, "head": head}]
+            self._stack.final_norm = final_norm.data_ptr()
+            head.fill(self._stack.head)
+            self.vocab = head.out_features
         # weak: the caches come with every call (alive while the kernel runs); a strong reference here would
         # keep an engine's previous cache in memory next to its new one
         self._caches: list[weakref.ref] = []
@@ -307,10 +319,14 @@ class DecoderStack:
         self._cache_rows = min(t.shape[0] for t in flat)
 
     def __call__(self, h: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]], slot: torch.Tensor,
-                 mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                 mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """h [B, hidden] fp32 (updated in place and returned); caches (k, v) per layer; slot [B] int64: where
         each row's new key and value go; mask [B, W] bool: the slots each row attends over; cos / sin
-        [B, head_dim] in the model dtype."""
+        [B, head_dim] in the model dtype. logits=True (a stack with a head): (h, fp32 logits [B, vocab]) of the
+        last norm of h, as the head gives them in the model dtype."""
+        if logits and not self.vocab:
+            raise ValueError("DecoderStack: logits asked of a stack built without a head")
         B = h.shape[0]
         if h.dtype != torch.float32 or not h.is_contiguous() or h.shape[1] != self.hidden:
             raise ValueError("DecoderStack: h fp32 [B, hidden], contiguous")
@@ -325,7 +341,8 @@ class DecoderStack:
         if cos.shape != (B, self.head_dim) or sin.shape != (B, self.head_dim):
             raise ValueError(f"DecoderStack: cos and sin [{B}, {self.head_dim}], not {list(cos.shape)}, {list(sin.shape)}")
         cos, sin = cos.to(self.dtype).contiguous(), sin.to(self.dtype).contiguous()
+        out = torch.empty(B, self.vocab, dtype=torch.float32) if logits else None
         (_library or _required()).lz_decode_stack(
             ctypes.byref(self._stack), self._layers, h.data_ptr(), B, slot.data_ptr(), mask.data_ptr(), mask.shape[1],
-            cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
-        return h
+            cos.data_ptr(), sin.data_ptr(), out.data_ptr() if logits else None, torch.get_num_threads())
+        return (h, out) if logits else h

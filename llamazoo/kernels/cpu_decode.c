@@ -47,6 +47,8 @@ typedef struct {
     int64_t fp32_ln;     /* bf16 models: RMSNorm in fp32 */
     int64_t round_probs; /* bf16 models with mixedp_attn: probabilities rounded to bf16 before P.V */
     float eps, attn_scale;
+    const void* final_norm; /* the model's last RMSNorm and its LM head; NULL: no head in this stack */
+    lz_proj head;
 } lz_stack;
 
 static inline float rnd(float v) { return bf16_to_float(float_to_bf16(v)); }
@@ -222,9 +224,11 @@ static void store_cache(void* cache, int64_t at, const float* x, int64_t n, int 
 
 /* h [B, hidden] fp32, the residual stream, updated in place through every layer. Row b writes its new key
  * and value at cache slot slot[b] and attends over the slots s < width with mask[b * width + s]; cs / sn
- * [B, head_dim] hold its RoPE cos and sin (model dtype). */
+ * [B, head_dim] hold its RoPE cos and sin (model dtype). logits (when not NULL and the stack has a head):
+ * [B, vocab] fp32, the head's outputs (rounded to the model dtype) of the final norm of h. */
 void lz_decode_stack(const lz_stack* m, const lz_layer* layers, float* h, int64_t B, const int64_t* slot,
-                     const uint8_t* mask, int64_t width, const void* cs, const void* sn, int threads) {
+                     const uint8_t* mask, int64_t width, const void* cs, const void* sn, float* logits,
+                     int threads) {
     int64_t D = m->hidden, H = m->heads, G = m->kv_heads, hd = m->head_dim, I = m->inter, S = m->slots;
     int64_t QKV = (H + 2 * G) * hd, rep = H / G;
     int bf16 = (int)m->bf16;
@@ -283,6 +287,10 @@ void lz_decode_stack(const lz_stack* m, const lz_layer* layers, float* h, int64_
         }
         project(m, &L->down, act, out, B, threads);
         for (int64_t i = 0; i < B * D; i++) h[i] += out[i];
+    }
+    if (logits && m->final_norm) {
+        for (int64_t b = 0; b < B; b++) rms_norm(m, h + b * D, m->final_norm, x + b * D, tmp);
+        project(m, &m->head, x, logits, B, threads);
     }
     free(x);
     free(tmp);

@@ -488,8 +488,10 @@ class LlamaForCausalLM(nn.Module):
     consecutive slots). run_layer(layer, h, cos, sin, mask, cache_pos), when given, calls each decoder
     layer (the generation engine passes a compiled one). spans [(start, n) per row], with a cache and
     [B,T] cache_pos instead of a mask: rows of different lengths prefilled together (`span_attention`).
+    last_logits=True: fp32 logits [B, V] of the last position only (what generation samples from).
     A `decode_stack` attribute (set by llamazoo.generation.packed; not a module) runs one-token eager steps
-    of all layers in one call: decode_stack(h, cos, sin, mask, cache_pos) -> h, or None where it does not apply.
+    of all layers in one call: decode_stack(h, cos, sin, mask, cache_pos, logits) -> (h, logits or None), or
+    None where it does not apply; with last_logits it can run the final norm and the head too.
     """
 
     def __init__(self, cfg: LlamaConfig, opts: PrecisionOptions | None = None):
@@ -541,6 +543,7 @@ class LlamaForCausalLM(nn.Module):
         return_hidden: bool = False,
         run_layer: Callable | None = None,
         spans: Sequence[tuple[int, int]] | None = None,
+        last_logits: bool = False,
     ) -> torch.Tensor:
         B, T = input_ids.shape
         if self.cache_len:
@@ -571,9 +574,12 @@ class LlamaForCausalLM(nn.Module):
                 and attention_mask is not None and attention_mask.dtype == torch.bool
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
             # one new token per row, eager inference: every layer in one kernel call (generation.packed)
-            out = stack(h, cos, sin, attention_mask, cache_pos)
+            out = stack(h, cos, sin, attention_mask, cache_pos, logits=last_logits and not return_hidden)
             layers = self.model.layers if out is None else ()  # None: it does not apply to this step
-            h = h if out is None else out
+            if out is not None:
+                h, logits = out
+                if logits is not None:  # the final norm and the head ran in the same call
+                    return logits
         else:
             layers = self.model.layers
         for layer in layers:
@@ -586,8 +592,22 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.norm(h)
         if return_hidden:
             return h
+        if last_logits:
+            return self.head_logits(h[:, -1])
         logits = linear(h.to(dtype), self.lm_head)
         return logits.float() if self.opts.fp32_logits else logits
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [B, V] of final hidden states [B, D] (after the last norm): what generation samples
+        from. A plain fp32 head on CPU (a tied one is not packed) with 2+ rows takes the weight-first product
+        (2x faster there)."""
+        head = self.lm_head
+        x = h.to(head.weight.dtype)
+        w = head.weight
+        if (x.shape[0] >= 2 and w.dtype == torch.float32 and w.device.type == "cpu" and type(head) is nn.Linear
+                and "packed" not in head.__dict__ and not hasattr(w, "placements")):
+            return fp32_linear_weight_first(x, w, head.bias)
+        return linear(x, head).float()
 
 
 # -- random init ----------------------------------------------------------------------------------------
