@@ -132,7 +132,7 @@ def test_int4_kernel_equals_the_integer_product_of_its_blocks(rows, out_f, in_f,
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-grouped", "int4", "fp32", "fp32-short"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-grouped", "int4", "int4-g32", "fp32", "fp32-short"])
 def test_a_row_gives_the_same_numbers_alone_and_in_any_batch(kind):
     """Continuous batching needs it: a sequence decodes to the same tokens whoever shares its steps, and
     a prompt chunk gets the same numbers alone or packed with others. Up to 110 rows: prompt-sized calls
@@ -140,17 +140,18 @@ def test_a_row_gives_the_same_numbers_alone_and_in_any_batch(kind):
     Rows of 1056 inputs are longer than the k slices of both (sums carried between slices); 45 outputs
     end in partial blocks; fp32 rows of 2560 keep the tile kernel at every batch."""
     g = torch.Generator().manual_seed(2)
-    K = {"fp32": 2560, "int4": 256}.get(kind, 1056)
+    K = {"fp32": 2560, "int4": 256, "int4-g32": 288}.get(kind, 1056)
     if kind.startswith("fp32"):
         w = torch.randn(45, K, generator=g)
         run = cpu.MultiLinear([w[:20], w[20:]])
     elif kind == "bf16":
         w = torch.randn(45, K, generator=g).bfloat16()
         run = lambda x: cpu.linear_bf16(x, w)  # noqa: E731
-    elif kind == "int4":
+    elif kind.startswith("int4"):  # group 32 at 1-2 rows: each row's factors in one pass (9 groups: a tail)
+        group = 32 if kind == "int4-g32" else 64
         packed = torch.randint(0, 256, (45, K // 2), dtype=torch.uint8, generator=g)
-        sz = (torch.rand(45, K // 64, 2, generator=g) * 0.01).bfloat16()
-        run = lambda x: cpu.linear_int4(x, packed, sz, 64)  # noqa: E731
+        sz = (torch.rand(45, K // group, 2, generator=g) * 0.01).bfloat16()
+        run = lambda x: cpu.linear_int4(x, packed, sz, group)  # noqa: E731
     else:
         q = torch.randint(-127, 128, (45, K), dtype=torch.int8, generator=g)
         group = 32 if kind == "int8-grouped" else K
