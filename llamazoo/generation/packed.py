@@ -249,9 +249,8 @@ class StackedDecode:
             return None
         hd = self.stack.head_dim
         logits = logits and self.stack.vocab > 0
-        out = self.stack(h.reshape(B, D).contiguous(), caches, slot.expand(B), mask.reshape(-1, W).expand(B, W),
-                         cos.reshape(-1, hd).expand(B, hd), sin.reshape(-1, hd).expand(B, hd), logits=logits)
-        h, y = out if logits else (out, None)
+        h, y = self.stack(h.reshape(B, D).contiguous(), caches, slot.expand(B), mask.reshape(-1, W).expand(B, W),
+                          cos.reshape(-1, hd).expand(B, hd), sin.reshape(-1, hd).expand(B, hd), logits=logits)
         return h.view(B, 1, D), y
 
 

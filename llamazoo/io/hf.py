@@ -175,6 +175,7 @@ def load_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype, devi
     tied = model.config.tie_word_embeddings
     loaded: dict[str, torch.Tensor] = {}
     arenas: dict[str, HugePageArena] = {}
+    cpu = torch.device(device).type == "cpu"
     for name, t, file in iter_tensors(weight_files(folder)):
         if name.endswith("rotary_emb.inv_freq"):
             continue  # old transformers wrote it; we compute it
@@ -188,7 +189,6 @@ def load_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype, devi
         # parameters take the model's dtype; buffers (quantized codes and scales) load as stored
         param = isinstance(expected[name], torch.nn.Parameter)
         want = dtype if param else t.dtype
-        cpu = torch.device(device).type == "cpu"
         if cpu and (want != t.dtype or (t.dim() == 2 and t.data_ptr() % KERNEL_ALIGN)):  # converted or realigned
             layer = _LAYER.match(name)
             # (quantized codes get tensors of their own: fusing q/k/v copies them, and the copies must go)

@@ -320,11 +320,11 @@ class DecoderStack:
 
     def __call__(self, h: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]], slot: torch.Tensor,
                  mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """h [B, hidden] fp32 (updated in place and returned); caches (k, v) per layer; slot [B] int64: where
+                 logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(h, logits): h [B, hidden] fp32, updated in place; caches (k, v) per layer; slot [B] int64: where
         each row's new key and value go; mask [B, W] bool: the slots each row attends over; cos / sin
-        [B, head_dim] in the model dtype. logits=True (a stack with a head): (h, fp32 logits [B, vocab]) of the
-        last norm of h, as the head gives them in the model dtype."""
+        [B, head_dim] in the model dtype. logits=True (a stack with a head): fp32 logits [B, vocab] of the
+        last norm of h, as the head gives them in the model dtype (else None)."""
         if logits and not self.vocab:
             raise ValueError("DecoderStack: logits asked of a stack built without a head")
         B = h.shape[0]
@@ -345,4 +345,4 @@ class DecoderStack:
         (_library or _required()).lz_decode_stack(
             ctypes.byref(self._stack), self._layers, h.data_ptr(), B, slot.data_ptr(), mask.data_ptr(), mask.shape[1],
             cos.data_ptr(), sin.data_ptr(), out.data_ptr() if logits else None, torch.get_num_threads())
-        return (h, out) if logits else h
+        return h, out
